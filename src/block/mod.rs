@@ -1,0 +1,120 @@
+//! The block layer: the `BlockDev` trait that the SCSI core (and the mirror
+//! layer) sees — byte ranges, flush and FUA, nothing SCSI — and the file
+//! backstore with its two I/O engines (io_uring and plain pread/pwrite).
+
+use std::sync::Arc;
+
+pub mod mem;
+
+/// Errors a backstore reports. The SCSI core maps each to sense data in one
+/// place (`scsi::sense`).
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The range lies (partly) beyond the end of the device.
+    #[error("range {offset}+{len} beyond device end {size}")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// The backing storage is full (ENOSPC/EDQUOT).
+    #[error("no space left on backing storage")]
+    NoSpace,
+    /// The device refuses writes.
+    #[error("device is read-only")]
+    ReadOnly,
+    /// The operation is not supported by this backstore.
+    #[error("operation not supported by backstore")]
+    Unsupported,
+    /// Any other I/O error from the backing storage.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BlockError {
+    /// Classify an `io::Error`, pulling ENOSPC/EDQUOT out as `NoSpace`.
+    pub fn from_io(e: std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => BlockError::NoSpace,
+            Some(libc::EROFS) => BlockError::ReadOnly,
+            _ => BlockError::Io(e),
+        }
+    }
+}
+
+pub type BlockResult<T> = Result<T, BlockError>;
+
+/// Per-write options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force Unit Access: the data must be on stable storage when the call
+    /// returns.
+    pub fua: bool,
+}
+
+/// What a backstore can do natively; the SCSI core emulates the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockCaps {
+    /// `discard` deallocates (thin provisioning); reads of discarded ranges
+    /// return zeroes.
+    pub discard: bool,
+    /// `allocation` can tell mapped from unmapped ranges.
+    pub allocation_status: bool,
+    /// The device refuses writes.
+    pub read_only: bool,
+}
+
+/// A byte-addressed block device. Implementations must be safe to call from
+/// many threads at once; ordering between overlapping concurrent writes is
+/// the caller's business (as on a disk).
+pub trait BlockDev: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Read exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()>;
+
+    /// Write all of `buf` at `offset`. With `flags.fua` the data is durable
+    /// when this returns.
+    fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> BlockResult<()>;
+
+    /// Make every completed write durable.
+    fn flush(&self) -> BlockResult<()>;
+
+    /// Capabilities of this device.
+    fn caps(&self) -> BlockCaps;
+
+    /// Deallocate a range; later reads return zeroes. Default: write zeroes.
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.write_zeroes(offset, len, WriteFlags::default())
+    }
+
+    /// Write zeroes over a range. Default: write a zero buffer in chunks.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> BlockResult<()> {
+        check_range(self.size(), offset, len)?;
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            self.write_at(&zeros[..n], offset + done, flags)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Allocation status of the range starting at `offset`: `(mapped,
+    /// length of the run with that status)`, the run clipped to `len`.
+    /// Default: everything is mapped.
+    fn allocation(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
+        check_range(self.size(), offset, len)?;
+        Ok((true, len))
+    }
+}
+
+/// Shared handle to a block device.
+pub type SharedDev = Arc<dyn BlockDev>;
+
+/// Check that `offset..offset+len` lies within a device of `size` bytes.
+pub fn check_range(size: u64, offset: u64, len: u64) -> BlockResult<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { offset, len, size }),
+    }
+}

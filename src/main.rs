@@ -1,0 +1,4 @@
+//! lunmirror daemon entry point (wiring only).
+fn main() {
+    tracing_subscriber::fmt::init();
+}

@@ -1,0 +1,1 @@
+//! mirror (to be written).

@@ -1,0 +1,111 @@
+//! The SCSI core: CDB parsing, SPC-4/SBC-3 emulation and sense building on
+//! top of `block::BlockDev`. No I/O of its own besides calls into the block
+//! device; frontends (iSCSI, TCMU) hand it a `ScsiRequest` and get a
+//! `ScsiResponse` back.
+//!
+//! Interface contract (frontends depend on exactly this):
+//! - `LunMap::execute(&ScsiRequest) -> ScsiResponse` routes by LUN, answers
+//!   REPORT LUNS and commands to absent LUNs itself.
+//! - `LunMap::task_management(...)` establishes the unit attentions that LUN
+//!   and target resets cause.
+
+use std::sync::Arc;
+
+/// An I_T nexus as the SCSI core sees it: who is asking, through which port.
+/// Frontends create one per session (iSCSI) or per device (TCMU) and keep it
+/// for the life of the nexus; the core keys unit attentions and
+/// reservations by `initiator_port` + `target_port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Nexus {
+    /// SCSI initiator port name, e.g. `iqn.1993-08.org.debian:01:abc,i,0x23d000000001`.
+    pub initiator_port: String,
+    /// SCSI target port name, e.g. `iqn.2026-11.io.lunmirror:default,t,0x0001`.
+    pub target_port: String,
+    /// Relative target port identifier (1-based) for VPD 0x83 and ALUA.
+    pub relative_port_id: u16,
+    /// Target port group this port belongs to (ALUA).
+    pub port_group_id: u16,
+}
+
+/// SIMPLE/ORDERED/HEAD OF QUEUE/ACA task attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskAttr {
+    Untagged,
+    #[default]
+    Simple,
+    Ordered,
+    HeadOfQueue,
+    Aca,
+}
+
+/// One SCSI command as received from a frontend, data-out fully gathered.
+#[derive(Debug)]
+pub struct ScsiRequest<'a> {
+    /// Command descriptor block (6..=16 bytes, or longer with AHS).
+    pub cdb: &'a [u8],
+    /// LUN number (flat, already decoded from the 8-byte LUN field).
+    pub lun: u64,
+    pub nexus: &'a Arc<Nexus>,
+    /// Everything the initiator sent (may be shorter or longer than the CDB
+    /// asks; the core reports the mismatch).
+    pub data_out: &'a [u8],
+    /// Bytes the initiator is prepared to receive (Expected Data Transfer
+    /// Length for a read). Data-in longer than this is truncated by the
+    /// frontend, which reports the residual.
+    pub expected_in_len: u32,
+    pub task_attr: TaskAttr,
+}
+
+/// SCSI status byte values (SAM-5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ScsiStatus {
+    Good = 0x00,
+    CheckCondition = 0x02,
+    ConditionMet = 0x04,
+    Busy = 0x08,
+    ReservationConflict = 0x18,
+    TaskSetFull = 0x28,
+    AcaActive = 0x30,
+    TaskAborted = 0x40,
+}
+
+/// The result of one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScsiResponse {
+    pub status: ScsiStatus,
+    /// Sense data (fixed format, 18+ bytes) when `status` is CHECK CONDITION;
+    /// empty otherwise.
+    pub sense: Vec<u8>,
+    /// Data-in. May exceed `expected_in_len`; the frontend truncates and
+    /// reports overflow.
+    pub data_in: Vec<u8>,
+}
+
+impl ScsiResponse {
+    pub fn good(data_in: Vec<u8>) -> Self {
+        ScsiResponse {
+            status: ScsiStatus::Good,
+            sense: Vec::new(),
+            data_in,
+        }
+    }
+}
+
+/// Task management functions a frontend forwards to the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskMgmt {
+    LogicalUnitReset {
+        lun: u64,
+    },
+    TargetWarmReset,
+    TargetColdReset,
+    /// ABORT TASK SET / CLEAR TASK SET on a LUN: the frontend aborts its
+    /// tasks; the core only learns of it (CLEAR TASK SET raises UAs for other nexuses).
+    ClearTaskSet {
+        lun: u64,
+    },
+}
+
+mod lun_map;
+pub use lun_map::{LogicalUnit, LuConfig, LunMap};

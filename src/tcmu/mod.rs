@@ -1,0 +1,1 @@
+//! tcmu (to be written).
