@@ -4,7 +4,11 @@
 //!
 //! * [`EngineKind::IoUring`] — `IORING_OP_READ`/`WRITE` on a pool of small
 //!   per-device rings, one ring per concurrent caller, the device's file
-//!   registered in each (see `file/uring.rs` for why that layout);
+//!   registered in each. Rings carry the batches ([`BlockDev::submit_batch`])
+//!   where many requests in flight pay; lone requests and buffered writes,
+//!   which measured faster as plain syscalls, take `pread`/`pwrite` unless
+//!   [`RingUse::Always`] is set (see `file/uring.rs` for the layout and the
+//!   measurements);
 //! * [`EngineKind::Sync`] — positional `pread`/`pwrite`, for tests and as the
 //!   fallback when io_uring cannot be set up (seccomp, `io_uring_disabled`,
 //!   old kernels, memory limits). [`EngineKind::Auto`] tries io_uring and
