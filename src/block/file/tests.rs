@@ -343,19 +343,53 @@ fn concurrent_writers(cfg: Cfg) {
         .map(|t| {
             let dev = Arc::clone(&dev);
             std::thread::spawn(move || {
+                let mine: Vec<u64> = (t..BLOCKS).step_by(THREADS as usize).collect();
                 for round in 0..ROUNDS {
                     // Interleaved blocks, so neighbouring blocks belong to
-                    // different threads.
-                    for block in (t..BLOCKS).step_by(THREADS as usize) {
-                        let data = pattern(seed(round, block), BLOCK);
-                        let offset = block * BLOCK as u64;
-                        let flags = WriteFlags {
-                            fua: block % 16 == 0,
-                        };
-                        dev.write_at(&data, offset, flags).expect("write");
-                        let mut back = vec![0u8; BLOCK];
-                        dev.read_at(&mut back, offset).expect("read");
-                        assert_eq!(back, data, "thread {t} block {block} round {round}");
+                    // different threads. Even threads write one block per
+                    // call, odd threads their whole share as one batch.
+                    let datas: Vec<Vec<u8>> = mine
+                        .iter()
+                        .map(|&b| pattern(seed(round, b), BLOCK))
+                        .collect();
+                    let flags = |block: u64| WriteFlags {
+                        fua: block % 16 == 0,
+                    };
+                    if t % 2 == 0 {
+                        for (&block, data) in mine.iter().zip(&datas) {
+                            let offset = block * BLOCK as u64;
+                            dev.write_at(data, offset, flags(block)).expect("write");
+                            let mut back = vec![0u8; BLOCK];
+                            dev.read_at(&mut back, offset).expect("read");
+                            assert_eq!(&back, data, "thread {t} block {block} round {round}");
+                        }
+                    } else {
+                        let mut ops: Vec<BatchOp<'_>> = mine
+                            .iter()
+                            .zip(&datas)
+                            .map(|(&block, data)| BatchOp::Write {
+                                buf: data,
+                                offset: block * BLOCK as u64,
+                                flags: flags(block),
+                            })
+                            .collect();
+                        for r in dev.submit_batch(&mut ops) {
+                            r.expect("batch write");
+                        }
+                        let mut backs = vec![vec![0u8; BLOCK]; mine.len()];
+                        let mut ops: Vec<BatchOp<'_>> = mine
+                            .iter()
+                            .zip(backs.iter_mut())
+                            .map(|(&block, buf)| BatchOp::Read {
+                                buf,
+                                offset: block * BLOCK as u64,
+                            })
+                            .collect();
+                        for r in dev.submit_batch(&mut ops) {
+                            r.expect("batch read");
+                        }
+                        drop(ops);
+                        assert!(backs == datas, "thread {t} round {round}: batch read back");
                     }
                 }
             })
