@@ -10,6 +10,29 @@
 //! access checks (target lookup, initiator ACL), stage transitions, and
 //! text spread over several PDUs in both directions (C bit). No I/O; the
 //! server assigns the TSIH of new sessions and checks existing ones.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use lunmirror::iscsi::login::*;
+//!
+//! let config = Arc::new(LoginConfig::default()); // no targets: discovery only
+//! let mut login = LoginMachine::new(config);
+//! let text = b"InitiatorName=iqn.1993-08.org.debian:01:abc\0SessionType=Discovery\0";
+//! let req = LoginRequest {
+//!     transit: true, cont: false, csg: 1, nsg: 3, version_max: 0, version_min: 0,
+//!     isid: [0x80, 0, 0, 0, 0, 1], tsih: 0, itt: 1, cid: 0, cmd_sn: 1, exp_stat_sn: 0,
+//!     data: text,
+//! };
+//! match login.step(&req) {
+//!     LoginOutcome::Complete(mut resp, negotiated) => {
+//!         resp.tsih = 1; // the server's new TSIH
+//!         assert_eq!(negotiated.session_type, SessionType::Discovery);
+//!         // send `resp`, enter full feature phase with `negotiated.params`
+//!     }
+//!     LoginOutcome::Continue(_resp) => { /* send, read the next Login Request */ }
+//!     LoginOutcome::Failed(_resp) => { /* send, close; login.error() says why */ }
+//! }
+//! ```
 
 use std::sync::Arc;
 
@@ -1671,6 +1694,14 @@ mod tests {
         let f = r.with_status(LoginStatus::SessionDoesNotExist);
         assert_eq!((f.status_class, f.status_detail), (2, 0x0a));
         assert!(!f.transit && f.data.is_empty() && f.nsg == 0);
+    }
+
+    #[test]
+    fn machine_can_move_between_threads() {
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<LoginMachine>();
+        assert_send::<NegotiatedLogin>();
+        assert_send::<LoginConfig>();
     }
 
     #[test]
