@@ -237,6 +237,18 @@ pub enum Command {
     },
     Reserve,
     Release,
+    Sanitize {
+        sa: u8,
+        param_len: u16,
+    },
+    ExtendedCopy {
+        param_len: u32,
+    },
+    ReceiveCopyResults {
+        sa: u8,
+        list_id: u8,
+        alloc_len: u32,
+    },
 }
 
 /// Where a command's service action sits: byte 1, bits 4..0.
@@ -303,6 +315,7 @@ const LONG: Attrs = Attrs {
     timeout: 3600,
     ..attrs(PrClass::Write, true)
 };
+const LONG_THIN: Attrs = Attrs { thin: true, ..LONG };
 
 /// One supported operation code (+ service action).
 pub struct OpDesc {
@@ -353,6 +366,21 @@ fn pr_out(r: &Reader<'_>) -> Result<Command, ScsiError> {
         scope: r.u8(2)? >> 4,
         pr_type: r.u8(2)? & 0x0F,
         param_len: r.u32(5)?,
+    })
+}
+
+fn sanitize(r: &Reader<'_>) -> Result<Command, ScsiError> {
+    Ok(Command::Sanitize {
+        sa: r.u8(1)? & SA_MASK,
+        param_len: r.u16(7)?,
+    })
+}
+
+fn receive_copy_results(r: &Reader<'_>) -> Result<Command, ScsiError> {
+    Ok(Command::ReceiveCopyResults {
+        sa: r.u8(1)? & SA_MASK,
+        list_id: r.u8(2)?,
+        alloc_len: r.u32(10)?,
     })
 }
 
@@ -618,6 +646,22 @@ pub static OPCODES: &[OpDesc] = &[
         }
     ),
     op!(
+        0x48,
+        Some(0x01),
+        "SANITIZE / OVERWRITE",
+        LONG,
+        [0xA1, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
+        sanitize
+    ),
+    op!(
+        0x48,
+        Some(0x02),
+        "SANITIZE / BLOCK ERASE",
+        LONG_THIN,
+        [0xA2, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
+        sanitize
+    ),
+    op!(
         0x55,
         None,
         "MODE SELECT(10)",
@@ -753,6 +797,34 @@ pub static OPCODES: &[OpDesc] = &[
         ALLOWED,
         [0x06, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0],
         pr_out
+    ),
+    op!(
+        0x83,
+        Some(0x00),
+        "EXTENDED COPY(LID1)",
+        LONG,
+        [0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+        |r| {
+            Ok(Command::ExtendedCopy {
+                param_len: r.u32(10)?,
+            })
+        }
+    ),
+    op!(
+        0x84,
+        Some(0x00),
+        "RECEIVE COPY RESULTS / COPY STATUS",
+        CFG,
+        [0x00, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+        receive_copy_results
+    ),
+    op!(
+        0x84,
+        Some(0x03),
+        "RECEIVE COPY RESULTS / OPERATING PARAMETERS",
+        CFG,
+        [0x03, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+        receive_copy_results
     ),
     op!(
         0x88,

@@ -5,12 +5,13 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::cdb::{self, Command, Reader};
+use super::cdb::{self, Attrs, Command, Reader};
 use super::lun_map::LunMap;
 use super::pr::{Outcome, PrOutCdb, PrState, PrStore};
 use super::range_lock::RangeLock;
 use super::sense::{Asc, ScsiError};
 use super::ua::UaTable;
+use super::xcopy::{self, CopyResults};
 use super::{sbc, spc, Nexus, ScsiRequest, ScsiResponse};
 use crate::block::SharedDev;
 
@@ -73,6 +74,8 @@ pub struct LogicalUnit {
     pr_store: Option<Arc<dyn PrStore>>,
     /// START STOP UNIT with START = 0: medium access is NOT READY.
     stopped: AtomicBool,
+    /// EXTENDED COPY results held for RECEIVE COPY RESULTS.
+    copies: Mutex<CopyResults>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -112,6 +115,7 @@ impl LogicalUnit {
             reserved: AtomicBool::new(false),
             pr_store: None,
             stopped: AtomicBool::new(false),
+            copies: Mutex::new(CopyResults::default()),
         }
     }
 
@@ -148,6 +152,18 @@ impl LogicalUnit {
             }
         }
         Ok(r)
+    }
+
+    pub(crate) fn copies(&self) -> MutexGuard<'_, CopyResults> {
+        self.copies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The reservation check for a command of class `attrs` from `n`.
+    pub(crate) fn check_reservation(&self, n: &Nexus, attrs: &Attrs) -> Result<(), ScsiError> {
+        if self.reserved.load(Ordering::Relaxed) {
+            self.pr_lock().check(n, attrs)?;
+        }
+        Ok(())
     }
 
     /// Thin provisioned: the backstore can deallocate.
@@ -261,9 +277,7 @@ impl LogicalUnit {
         }
         cdb::check_shape(req.cdb, desc)?;
         let cmd = (desc.parse)(&Reader::new(req.cdb))?;
-        if self.reserved.load(Ordering::Relaxed) {
-            self.pr_lock().check(req.nexus, &desc.attrs)?;
-        }
+        self.check_reservation(req.nexus, &desc.attrs)?;
         if desc.attrs.media && self.stopped.load(Ordering::Relaxed) {
             return Err(ScsiError::NotReady);
         }
@@ -461,6 +475,23 @@ impl LogicalUnit {
                 })?;
                 good(Vec::new())
             }
+            Command::Sanitize { sa, param_len } => {
+                sbc::sanitize(self, sa, param_len, req.data_out)?;
+                good(Vec::new())
+            }
+            Command::ExtendedCopy { param_len } => {
+                xcopy::extended_copy(self, map, req.nexus, param_len, req.data_out, |lu, a| {
+                    lu.check_reservation(req.nexus, a)
+                })?;
+                good(Vec::new())
+            }
+            Command::ReceiveCopyResults {
+                sa,
+                list_id,
+                alloc_len,
+            } => good(xcopy::receive_copy_results(
+                self, req.nexus, sa, list_id, alloc_len,
+            )?),
             Command::Reserve => {
                 self.with_pr(|st| st.reserve(req.nexus).map(|()| ((), Outcome::Unchanged)))?;
                 good(Vec::new())

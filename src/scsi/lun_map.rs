@@ -39,6 +39,12 @@ impl LunMap {
         self.luns.get(&lun)
     }
 
+    /// The LU whose NAA designator (VPD 0x83) is `naa`: how EXTENDED COPY
+    /// finds its copy targets.
+    pub fn find_by_naa(&self, naa: &[u8]) -> Option<&Arc<LogicalUnit>> {
+        self.luns.values().find(|lu| lu.config.naa[..] == *naa)
+    }
+
     /// All LUs with their LUN numbers, ascending.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Arc<LogicalUnit>)> {
         self.luns.iter().map(|(n, lu)| (*n, lu))

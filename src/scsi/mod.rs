@@ -155,6 +155,7 @@ pub mod sbc;
 pub mod sense;
 pub mod spc;
 mod ua;
+mod xcopy;
 
 #[cfg(test)]
 mod tests;

@@ -26,7 +26,7 @@ const VERSION_DESCRIPTORS: [u16; 4] = [
 ];
 
 /// VPD pages we serve, ascending.
-pub const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+pub const VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2];
 
 pub(crate) fn truncate(mut v: Vec<u8>, alloc_len: usize) -> Vec<u8> {
     v.truncate(alloc_len);
@@ -61,7 +61,7 @@ pub(crate) fn standard_inquiry(
     d[2] = 0x06; // SPC-4
     d[3] = 0x12; // HISUP, response data format 2
     d[4] = (d.len() - 5) as u8;
-    d[5] = 0x10; // TPGS = 01b: implicit ALUA
+    d[5] = 0x10 | 0x08; // TPGS = 01b (implicit ALUA), 3PC (EXTENDED COPY)
     d[7] = 0x02; // CMDQUE
     ascii_field(&mut d[8..16], vendor);
     ascii_field(&mut d[16..32], product);
@@ -148,9 +148,13 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
     vpd(0xB0, &p)
 }
 
-fn block_device_characteristics() -> Vec<u8> {
+fn block_device_characteristics(lu: &LogicalUnit) -> Vec<u8> {
     let mut p = [0u8; 0x3C];
     p[0..2].copy_from_slice(&1u16.to_be_bytes()); // non-rotating medium
+    if lu.thin() {
+        // WABEREQ 01b: reads after SANITIZE BLOCK ERASE succeed.
+        p[3] = 0x40;
+    }
     vpd(0xB1, &p)
 }
 
@@ -187,8 +191,9 @@ pub fn inquiry(
             0x00 => vpd(0x00, &VPD_PAGES),
             0x80 => vpd(0x80, &ascii_bytes(&lu.config.serial, 252)),
             0x83 => device_identification(lu, nexus),
+            0x8F => vpd(0x8F, &super::xcopy::third_party_copy_vpd()),
             0xB0 => block_limits(lu),
-            0xB1 => block_device_characteristics(),
+            0xB1 => block_device_characteristics(lu),
             0xB2 => logical_block_provisioning(lu),
             _ => return Err(ScsiError::cdb_byte(2)),
         }
