@@ -10,6 +10,8 @@
 //! mask are zero); semantic checks (page codes, ranges) belong to the
 //! handlers.
 
+use std::sync::OnceLock;
+
 use super::sense::ScsiError;
 
 /// Checked big-endian reader over CDB or parameter bytes. Reads past the end
@@ -1111,35 +1113,53 @@ fn six_len(v: u8) -> u32 {
     }
 }
 
+/// Where each opcode's entries start in `OPCODES` (the table is sorted by
+/// opcode), built once so dispatch is an array index, not a scan.
+fn index() -> &'static [u16; 256] {
+    static INDEX: OnceLock<[u16; 256]> = OnceLock::new();
+    INDEX.get_or_init(|| {
+        let mut idx = [u16::MAX; 256];
+        for (i, d) in OPCODES.iter().enumerate().rev() {
+            idx[usize::from(d.opcode)] = i as u16;
+        }
+        idx
+    })
+}
+
+/// The table entries of one opcode.
+fn entries(opcode: u8) -> impl Iterator<Item = &'static OpDesc> {
+    let start = index()[usize::from(opcode)];
+    OPCODES
+        .get(usize::from(start)..)
+        .unwrap_or(&[])
+        .iter()
+        .take_while(move |d| d.opcode == opcode)
+}
+
 /// Does any supported command use this opcode with service actions?
 pub fn opcode_has_sa(opcode: u8) -> bool {
-    OPCODES.iter().any(|d| d.opcode == opcode && d.sa.is_some())
+    entries(opcode).any(|d| d.sa.is_some())
 }
 
 /// Find the table entry for `opcode` (+ service action if it has them).
 pub fn lookup(opcode: u8, sa: u16) -> Option<&'static OpDesc> {
-    OPCODES
-        .iter()
-        .find(|d| d.opcode == opcode && d.sa.map_or(true, |s| s == sa))
+    entries(opcode).find(|d| d.sa.map_or(true, |s| s == sa))
 }
 
 /// Identify the command a CDB carries, without validating it.
 pub fn identify(cdb: &[u8]) -> Result<&'static OpDesc, ScsiError> {
     let r = Reader::new(cdb);
     let opcode = r.u8(0).map_err(|_| ScsiError::InvalidOpcode)?;
-    let sa = if opcode_has_sa(opcode) {
-        // A CDB too short to hold its service action: shape error.
-        u16::from(r.u8(1)? & SA_MASK)
-    } else {
-        0
-    };
-    match lookup(opcode, sa) {
-        Some(d) => Ok(d),
-        // Unknown service action of a known opcode: the SERVICE ACTION field
-        // is the invalid field.
-        None if opcode_has_sa(opcode) => Err(ScsiError::cdb(1, 4)),
-        None => Err(ScsiError::InvalidOpcode),
+    let mut it = entries(opcode).peekable();
+    let first = *it.peek().ok_or(ScsiError::InvalidOpcode)?;
+    if first.sa.is_none() {
+        return Ok(first);
     }
+    // A CDB too short to hold its service action: shape error.
+    let sa = u16::from(r.u8(1)? & SA_MASK);
+    // Unknown service action of a known opcode: the SERVICE ACTION field is
+    // the invalid field.
+    it.find(|d| d.sa == Some(sa)).ok_or(ScsiError::cdb(1, 4))
 }
 
 /// Check a CDB against its usage mask: length, reserved bits, CONTROL byte.
@@ -1214,6 +1234,57 @@ mod tests {
             let last = cdb.len() - 1;
             cdb[last] = 0;
             assert!(parse(&cdb).is_ok(), "{}", d.name);
+        }
+    }
+
+    #[test]
+    fn every_reserved_bit_of_every_command_is_pointed_at() {
+        for d in OPCODES {
+            let n = d.usage.len();
+            let mut base = d.usage.to_vec();
+            base[n - 1] = 0;
+            for i in 1..n - 1 {
+                let reserved = if i == 1 && d.sa.is_some() {
+                    !SA_MASK & !d.usage[1]
+                } else {
+                    !d.usage[i]
+                };
+                for bit in 0..8u8 {
+                    if reserved & (1 << bit) == 0 {
+                        continue;
+                    }
+                    let mut cdb = base.clone();
+                    cdb[i] |= 1 << bit;
+                    match parse(&cdb) {
+                        Err(ScsiError::InvalidFieldInCdb {
+                            byte,
+                            bit: Some(top),
+                        }) => {
+                            assert_eq!(byte as usize, i, "{} byte {i} bit {bit}", d.name);
+                            assert!(top >= bit && reserved & (1 << top) != 0, "{}", d.name);
+                        }
+                        other => panic!("{} byte {i} bit {bit}: {other:?}", d.name),
+                    }
+                }
+            }
+            for bit in [0u8, 2] {
+                let mut cdb = base.clone();
+                cdb[n - 1] = 1 << bit;
+                assert!(
+                    matches!(
+                        parse(&cdb),
+                        Err(ScsiError::InvalidFieldInCdb { byte, bit: Some(b) })
+                            if byte as usize == n - 1 && b == bit
+                    ),
+                    "{} control bit {bit}",
+                    d.name
+                );
+            }
+            // One byte short of the CDB length: shape error at byte 0.
+            assert!(matches!(
+                parse(&base[..n - 1]),
+                Err(ScsiError::InvalidFieldInCdb { byte: 0, bit: None })
+            ));
         }
     }
 

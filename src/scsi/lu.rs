@@ -180,7 +180,10 @@ impl LogicalUnit {
     /// CAPACITY DATA HAS CHANGED for every nexus.
     pub fn blocks(&self) -> u64 {
         let now = self.dev.size() >> self.shift;
-        if self.last_blocks.swap(now, Ordering::Relaxed) != now {
+        // A plain load on the common path: no shared cache-line write per
+        // command. Only the thread that wins the swap raises the UA.
+        let last = self.last_blocks.load(Ordering::Relaxed);
+        if last != now && self.last_blocks.swap(now, Ordering::Relaxed) != now {
             self.ua.establish_all(Asc::CAPACITY_DATA_HAS_CHANGED, None);
         }
         now
