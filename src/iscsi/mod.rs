@@ -34,3 +34,6 @@ pub struct TargetDef {
     /// Mutual CHAP: the target answers the initiator's challenge with these.
     pub mutual_chap: Option<ChapCredentials>,
 }
+
+pub mod digest;
+pub mod pdu;
