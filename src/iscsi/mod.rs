@@ -4,6 +4,10 @@
 //! Protocol modules (`pdu`, `text`, `negotiate`, `login`) do no I/O; only
 //! `conn` touches sockets.
 
+pub mod chap;
+pub mod negotiate;
+pub mod text;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
