@@ -41,3 +41,4 @@ pub struct TargetDef {
 
 pub mod digest;
 pub mod pdu;
+pub mod session;

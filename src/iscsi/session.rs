@@ -322,7 +322,10 @@ impl DataOutState {
             });
         };
         if d.fin && end != seq.end {
-            return Err(DataOutError::EarlyFinal { at: end, end: seq.end });
+            return Err(DataOutError::EarlyFinal {
+                at: end,
+                end: seq.end,
+            });
         }
         let placement = Placement {
             offset: seq.next_offset,
@@ -436,10 +439,12 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
     let bs = u64::from(block_size);
     match *cdb.first()? {
         // WRITE(6): a transfer length of 0 means 256 blocks.
-        0x0a => Some(match b(4)? {
-            0 => 256,
-            n => n,
-        } * bs),
+        0x0a => Some(
+            match b(4)? {
+                0 => 256,
+                n => n,
+            } * bs,
+        ),
         // WRITE(10), WRITE AND VERIFY(10)
         0x2a | 0x2e => Some(be(7, 2)? * bs),
         // WRITE(12), WRITE AND VERIFY(12)
@@ -463,13 +468,13 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
             _ => 0,
         }),
         // parameter-list commands
-        0x15 => b(4),       // MODE SELECT(6)
-        0x55 => be(7, 2),   // MODE SELECT(10)
-        0x42 => be(7, 2),   // UNMAP
-        0x5f => be(5, 4),   // PERSISTENT RESERVE OUT
-        0x3b => be(6, 3),   // WRITE BUFFER
-        0x1d => be(3, 2),   // SEND DIAGNOSTIC
-        0xa4 => be(6, 4),   // MAINTENANCE OUT
+        0x15 => b(4),     // MODE SELECT(6)
+        0x55 => be(7, 2), // MODE SELECT(10)
+        0x42 => be(7, 2), // UNMAP
+        0x5f => be(5, 4), // PERSISTENT RESERVE OUT
+        0x3b => be(6, 3), // WRITE BUFFER
+        0x1d => be(3, 2), // SEND DIAGNOSTIC
+        0xa4 => be(6, 4), // MAINTENANCE OUT
         _ => None,
     }
 }
@@ -671,12 +676,7 @@ impl SessionState {
                 }
             }
             CmdSnCheck::Deliver => {
-                if self.held.contains_key(&cmd_sn) {
-                    // Only a Skip can sit at ExpCmdSN (deliveries drain
-                    // everything else): this command was aborted before it came.
-                    self.drain_from_exp();
-                    return Arrival::Dropped;
-                }
+                // Nothing is ever held at ExpCmdSN: every advance drains.
                 self.window.advance();
                 let mut out = vec![item];
                 out.extend(self.drain_from_exp());
@@ -704,7 +704,10 @@ impl SessionState {
     /// command is ignored when it comes (RFC 7143 §11.6.1). Returns whether
     /// the slot was consumed.
     pub fn skip_cmd_sn(&mut self, ref_cmd_sn: u32, tmf_cmd_sn: u32) -> bool {
-        let ahead = matches!(self.window.check(ref_cmd_sn), CmdSnCheck::Deliver | CmdSnCheck::Hold);
+        let ahead = matches!(
+            self.window.check(ref_cmd_sn),
+            CmdSnCheck::Deliver | CmdSnCheck::Hold
+        );
         if !ahead || !sn_lt(ref_cmd_sn, tmf_cmd_sn.wrapping_add(1)) {
             return false;
         }
@@ -712,13 +715,10 @@ impl SessionState {
             return false;
         }
         if ref_cmd_sn == self.window.exp_cmd_sn() {
+            // The slot is consumed at once; held successors become
+            // deliverable (`take_deliverable`).
             self.window.advance();
             self.window.complete();
-            // drained items need delivering; the caller only ever uses this
-            // when the task table says the command never arrived, and held
-            // successors wait for the next arrival to be drained.
-            self.held.insert(ref_cmd_sn.wrapping_sub(1), Ordered::Skip);
-            self.held.remove(&ref_cmd_sn.wrapping_sub(1));
         } else {
             self.held.insert(ref_cmd_sn, Ordered::Skip);
         }
@@ -960,10 +960,16 @@ mod tests {
     fn window_wraps_around_serial_space() {
         let mut st = SessionState::new(CmdWindow::new(u32::MAX - 1, 8));
         for sn in [u32::MAX - 1, u32::MAX, 0, 1] {
-            assert!(matches!(st.arrive(sn, Ordered::Task(sn)), Arrival::Delivered(_)));
+            assert!(matches!(
+                st.arrive(sn, Ordered::Task(sn)),
+                Arrival::Delivered(_)
+            ));
         }
         assert_eq!(st.window.exp_cmd_sn(), 2);
-        assert!(matches!(st.arrive(u32::MAX, Ordered::Task(0)), Arrival::Dropped));
+        assert!(matches!(
+            st.arrive(u32::MAX, Ordered::Task(0)),
+            Arrival::Dropped
+        ));
         assert!(sn_lt(u32::MAX, 1));
         assert!(!sn_lt(1, u32::MAX));
     }
@@ -973,7 +979,9 @@ mod tests {
         let mut st = SessionState::new(CmdWindow::new(5, 8));
         // ABORT TASK (immediate, CmdSN 7) for CmdSN 6 that never arrived
         assert!(st.skip_cmd_sn(6, 7));
-        assert!(matches!(st.arrive(5, Ordered::Task(5)), Arrival::Delivered(ref v) if v.len() == 1));
+        assert!(
+            matches!(st.arrive(5, Ordered::Task(5)), Arrival::Delivered(ref v) if v.len() == 1)
+        );
         assert_eq!(st.window.exp_cmd_sn(), 7);
         // the late command 6 is ignored
         assert!(matches!(st.arrive(6, Ordered::Task(6)), Arrival::Dropped));
@@ -1023,7 +1031,10 @@ mod tests {
                 len: 8192
             }
         );
-        assert_eq!(s.accept(&dout(101, 1, 16384, true), 8192).unwrap().offset, 16384);
+        assert_eq!(
+            s.accept(&dout(101, 1, 16384, true), 8192).unwrap().offset,
+            16384
+        );
         let r = s.next_r2ts(|| 103);
         assert_eq!(
             r,
@@ -1037,7 +1048,8 @@ mod tests {
         s.accept(&dout(102, 0, 24576, false), 8192).unwrap();
         s.accept(&dout(102, 1, 32768, true), 8192).unwrap();
         assert!(!s.is_complete());
-        s.accept(&dout(103, 0, 40960, true), 9040).unwrap();
+        s.accept(&dout(103, 0, 40960, false), 8192).unwrap();
+        s.accept(&dout(103, 1, 49152, true), 848).unwrap();
         assert!(s.is_complete());
         assert_eq!(s.r2t_count(), 3);
     }
@@ -1142,7 +1154,10 @@ mod tests {
                 (12288, 7712, true, true)
             ]
         );
-        assert_eq!(v.iter().map(|p| p.data_sn).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            v.iter().map(|p| p.data_sn).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
         assert_eq!(plan_data_in(0, 8192, 8192).count(), 0);
     }
 
