@@ -667,14 +667,13 @@ impl SessionState {
     pub fn arrive(&mut self, cmd_sn: u32, item: Ordered) -> Arrival {
         match self.window.check(cmd_sn) {
             CmdSnCheck::Drop => Arrival::Dropped,
-            CmdSnCheck::Hold => {
-                if self.held.contains_key(&cmd_sn) {
-                    Arrival::Dropped
-                } else {
-                    self.held.insert(cmd_sn, item);
+            CmdSnCheck::Hold => match self.held.entry(cmd_sn) {
+                std::collections::hash_map::Entry::Occupied(_) => Arrival::Dropped,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(item);
                     Arrival::Held
                 }
-            }
+            },
             CmdSnCheck::Deliver => {
                 // Nothing is ever held at ExpCmdSN: every advance drains.
                 self.window.advance();
@@ -1270,16 +1269,14 @@ mod tests {
             let mut next = 0u32;
             let mut burst_used = 0u32;
             let max_burst = burst.max(seg);
-            let mut n = 0;
-            for p in plan_data_in(total, seg, burst) {
+            for (n, p) in plan_data_in(total, seg, burst).enumerate() {
                 prop_assert_eq!(p.offset, next);
-                prop_assert_eq!(p.data_sn, n);
+                prop_assert_eq!(p.data_sn as usize, n);
                 prop_assert!(p.len > 0 && p.len <= seg);
                 burst_used += p.len;
                 prop_assert!(burst_used <= max_burst);
                 if p.fin { burst_used = 0; }
                 next += p.len;
-                n += 1;
                 prop_assert_eq!(p.last, next == total);
                 if p.last { prop_assert!(p.fin); }
             }
