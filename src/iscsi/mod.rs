@@ -5,6 +5,7 @@
 //! `conn` touches sockets.
 
 pub mod chap;
+pub mod discovery;
 pub mod login;
 pub mod negotiate;
 pub mod text;
