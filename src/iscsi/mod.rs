@@ -44,3 +44,7 @@ pub struct TargetDef {
 pub mod digest;
 pub mod pdu;
 pub mod session;
+pub mod conn;
+pub mod server;
+
+pub use server::{Server, ServerHandle, ServerOptions};

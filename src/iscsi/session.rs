@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use super::conn::Conn;
 use super::negotiate::SessionParams;
 use super::pdu::{DataOut, Lun, TaskAttribute, RESERVED_TAG};
 use super::TargetDef;
@@ -571,8 +572,9 @@ pub enum TaskPhase {
 /// One entry of the task table.
 #[derive(Debug)]
 pub struct Task {
-    /// Connection allegiance.
-    pub cid: u16,
+    /// Connection allegiance: the unique id of the connection (not the
+    /// CID, which a reinstated connection reuses).
+    pub conn: u64,
     pub lun: Lun,
     pub cmd_sn: u32,
     pub immediate: bool,
@@ -606,8 +608,8 @@ pub enum Request {
 pub enum Ordered {
     /// A SCSI command, by ITT.
     Task(u32),
-    /// A request that arrived on connection `cid`.
-    Request(u16, Box<Request>),
+    /// A request that arrived on connection (unique id) `.0`.
+    Request(u64, Box<Request>),
     /// Consumed by ABORT TASK of a command that never arrived.
     Skip,
 }
@@ -640,6 +642,8 @@ pub struct SessionState {
     next_ttt: u32,
     /// The session is being torn down: accept no new work.
     pub closing: bool,
+    /// Its connections by CID.
+    pub conns: HashMap<u16, Arc<Conn>>,
 }
 
 impl SessionState {
@@ -650,6 +654,7 @@ impl SessionState {
             tasks: HashMap::new(),
             next_ttt: 1,
             closing: false,
+            conns: HashMap::new(),
         }
     }
 
@@ -707,7 +712,7 @@ impl SessionState {
             self.window.check(ref_cmd_sn),
             CmdSnCheck::Deliver | CmdSnCheck::Hold
         );
-        if !ahead || !sn_lt(ref_cmd_sn, tmf_cmd_sn.wrapping_add(1)) {
+        if !ahead || !sn_lt(ref_cmd_sn, tmf_cmd_sn) {
             return false;
         }
         if self.held.contains_key(&ref_cmd_sn) {
@@ -730,9 +735,9 @@ impl SessionState {
     }
 
     /// Drop held requests of a closed connection.
-    pub fn forget_held_of(&mut self, cid: u16) {
+    pub fn forget_held_of(&mut self, conn: u64) {
         for v in self.held.values_mut() {
-            if matches!(v, Ordered::Request(c, _) if *c == cid) {
+            if matches!(v, Ordered::Request(c, _) if *c == conn) {
                 *v = Ordered::Skip;
             }
         }
@@ -766,11 +771,30 @@ impl SessionState {
         Some(job)
     }
 
-    /// ITTs of the tasks with allegiance to connection `cid`.
-    pub fn tasks_of(&self, cid: u16) -> Vec<u32> {
+    /// The R2Ts task `itt` may send now (allocating their TTTs).
+    pub fn r2ts_for(&mut self, itt: u32) -> Vec<R2tPlan> {
+        let SessionState { tasks, next_ttt, .. } = self;
+        let Some(t) = tasks.get_mut(&itt) else {
+            return Vec::new();
+        };
+        let TaskPhase::Receiving(d) = &mut t.phase else {
+            return Vec::new();
+        };
+        d.next_r2ts(|| {
+            let v = *next_ttt;
+            *next_ttt = next_ttt.wrapping_add(1);
+            if *next_ttt == RESERVED_TAG {
+                *next_ttt = 1;
+            }
+            v
+        })
+    }
+
+    /// ITTs of the tasks with allegiance to connection `conn`.
+    pub fn tasks_of(&self, conn: u64) -> Vec<u32> {
         self.tasks
             .iter()
-            .filter(|(_, t)| t.cid == cid)
+            .filter(|(_, t)| t.conn == conn)
             .map(|(&i, _)| i)
             .collect()
     }
