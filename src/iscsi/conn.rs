@@ -28,15 +28,15 @@ use super::discovery::{TextContext, TextExchange, TextPdu, TextStep};
 use super::login::{self, LoginMachine, LoginOutcome, NegotiatedLogin, SessionType};
 use super::pdu::{
     self, check_data_digest, check_header_digest, pad_len, Bhs, DataIn, DataOut, LogoutReason,
-    LogoutRequest, LogoutResponse, LogoutResponseCode, Lun, NopIn, NopOut, Prefix, R2t,
-    Reject, RejectReason, ScsiCommand, TaskAttribute, TaskMgmtRequest, TaskMgmtResponse,
-    TextRequest, TextResponse, TmfFunction, TmfResponse, BHS_LEN, MAX_AHS_LEN, RESERVED_TAG,
+    LogoutRequest, LogoutResponse, LogoutResponseCode, Lun, NopIn, NopOut, Prefix, R2t, Reject,
+    RejectReason, ScsiCommand, TaskAttribute, TaskMgmtRequest, TaskMgmtResponse, TextRequest,
+    TextResponse, TmfFunction, TmfResponse, BHS_LEN, MAX_AHS_LEN, RESERVED_TAG,
 };
 use super::server::Shared;
 use super::session::{
-    self, data_out_len, fixed_sense, initiator_port_name, plan_data_in, target_port_name,
-    Arrival, BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer, Ordered, Request,
-    Residual, ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
+    self, data_out_len, fixed_sense, initiator_port_name, plan_data_in, target_port_name, Arrival,
+    BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer, Ordered, Request, Residual,
+    ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
 };
 use crate::scsi::{Nexus, ScsiRequest, ScsiResponse, ScsiStatus, TaskAttr, TaskMgmt};
 
@@ -374,7 +374,7 @@ impl Conn {
                 match job {
                     Ok(j) => {
                         conn.pool.queued.fetch_sub(1, Ordering::AcqRel);
-                        run_job(&conn, j);
+                        run_job(&conn, *j);
                     }
                     Err(_) => break,
                 }
@@ -506,7 +506,9 @@ fn read_login(
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => return Err(e),
         }
@@ -654,18 +656,13 @@ fn attach(
                 to_close.push(s);
             }
         }
-        let tsih = reg
-            .alloc_tsih()
-            .ok_or(login::LoginStatus::OutOfResources)?;
+        let tsih = reg.alloc_tsih().ok_or(login::LoginStatus::OutOfResources)?;
         let kind = match (&neg.session_type, &neg.target) {
             (SessionType::Normal, Some(t)) => SessionKind::Normal {
                 target: t.clone(),
                 nexus: Arc::new(Nexus {
                     initiator_port: initiator_port_name(&neg.initiator_name, &neg.isid),
-                    target_port: target_port_name(
-                        &t.name,
-                        shared.login.target_portal_group_tag,
-                    ),
+                    target_port: target_port_name(&t.name, shared.login.target_portal_group_tag),
                     relative_port_id: 1,
                     port_group_id: 1,
                 }),
@@ -749,8 +746,7 @@ fn attach(
         if let Some(old) = st.conns.get(&neg.cid) {
             // Connection reinstatement: the old connection with this CID goes.
             replaced_conn = Some(old.clone());
-        } else if neg.tsih != 0 && st.conns.len() >= usize::from(session.params.max_connections)
-        {
+        } else if neg.tsih != 0 && st.conns.len() >= usize::from(session.params.max_connections) {
             return Err(login::LoginStatus::TooManyConnections);
         }
         st.conns.insert(neg.cid, conn.clone());
@@ -1179,7 +1175,12 @@ impl FfpReader {
         self.sequence(imm, sn, Request::Nop(n, data));
     }
 
-    fn on_command(&mut self, c: ScsiCommand, bhs: &[u8; BHS_LEN], data_len: u32) -> Result<(), End> {
+    fn on_command(
+        &mut self,
+        c: ScsiCommand,
+        bhs: &[u8; BHS_LEN],
+        data_len: u32,
+    ) -> Result<(), End> {
         let session = self.conn.session.clone();
         if session.target().is_none() {
             // Discovery sessions take no SCSI commands.
@@ -1188,18 +1189,21 @@ impl FfpReader {
             return Ok(());
         }
         if data_len > 0 && !c.write {
-            return Err(self.protocol_error(bhs, "immediate data on a command without W bit".into()));
+            return Err(
+                self.protocol_error(bhs, "immediate data on a command without W bit".into())
+            );
         }
         let opts = self.opts().clone();
         let edtl = c.expected_data_len;
         let mut local = None;
         let mut charge = None;
-        if c.read && c.write {
-            local = Some(LocalAnswer::InvalidFieldInCdb);
-        } else if c.write && edtl > opts.max_command_data {
+        if (c.read && c.write) || (c.write && edtl > opts.max_command_data) {
+            // Bidirectional commands are not supported; oversized writes
+            // cannot be buffered.
             local = Some(LocalAnswer::InvalidFieldInCdb);
         } else if c.write && edtl > 0 {
-            charge = BudgetCharge::try_new(&session.buffered, edtl as usize, opts.session_data_budget);
+            charge =
+                BudgetCharge::try_new(&session.buffered, edtl as usize, opts.session_data_budget);
             if charge.is_none() {
                 local = Some(LocalAnswer::TaskSetFull);
             }
@@ -1250,7 +1254,11 @@ impl FfpReader {
                 return Ok(());
             }
             if !c.immediate && st.window.check(c.cmd_sn) == session::CmdSnCheck::Drop {
-                tracing::debug!(cmd_sn = c.cmd_sn, exp = st.window.exp_cmd_sn(), "command outside the CmdSN window dropped");
+                tracing::debug!(
+                    cmd_sn = c.cmd_sn,
+                    exp = st.window.exp_cmd_sn(),
+                    "command outside the CmdSN window dropped"
+                );
                 return Ok(());
             }
             if st.tasks.contains_key(&c.itt) {
@@ -1277,7 +1285,8 @@ impl FfpReader {
             );
             let r2ts = st.r2ts_for(c.itt);
             if !r2ts.is_empty() {
-                self.conn.push_all(r2ts.into_iter().map(|r| r2t_pdu(c.lun, c.itt, &r)));
+                self.conn
+                    .push_all(r2ts.into_iter().map(|r| r2t_pdu(c.lun, c.itt, &r)));
                 acts.flush.push(self.conn.clone());
             }
             if c.immediate {
@@ -1366,7 +1375,8 @@ impl FfpReader {
                 t.job = Some(j);
                 let r2ts = st.r2ts_for(d.itt);
                 if !r2ts.is_empty() {
-                    self.conn.push_all(r2ts.into_iter().map(|r| r2t_pdu(lun, d.itt, &r)));
+                    self.conn
+                        .push_all(r2ts.into_iter().map(|r| r2t_pdu(lun, d.itt, &r)));
                     acts.flush.push(self.conn.clone());
                 }
             }
@@ -1692,11 +1702,16 @@ fn handle_tmf(conn: &Arc<Conn>, t: TaskMgmtRequest) {
                     running.iter().all(|i| !st.tasks.contains_key(i))
                 });
                 if !done {
-                    tracing::warn!(tsih = s.tsih, "TMF: aborted tasks still running after {timeout:?}");
+                    tracing::warn!(
+                        tsih = s.tsih,
+                        "TMF: aborted tasks still running after {timeout:?}"
+                    );
                 }
             }
             if let (Some(effect), Some(nexus)) = (scsi_effect, nexus) {
-                let r = catch_unwind(AssertUnwindSafe(|| target.luns.task_management(effect, &nexus)));
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    target.luns.task_management(effect, &nexus)
+                }));
                 if r.is_err() {
                     tracing::error!("task_management panicked");
                 }
@@ -1791,7 +1806,7 @@ fn check_condition(key: u8, asc: u8, ascq: u8) -> ScsiResponse {
 }
 
 /// Execute one command and queue its response.
-fn run_job(conn: &Arc<Conn>, mut job: Box<ScsiJob>) {
+fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
     let session = &conn.session;
     let edtl = job.expected_len;
     let mut residual = Residual::default();
@@ -1836,7 +1851,11 @@ fn run_job(conn: &Arc<Conn>, mut job: Box<ScsiJob>) {
                 match catch_unwind(AssertUnwindSafe(|| target.luns.execute(&req))) {
                     Ok(r) => r,
                     Err(_) => {
-                        tracing::error!(itt = job.itt, "SCSI core panicked on CDB {:02x?}", job.cdb);
+                        tracing::error!(
+                            itt = job.itt,
+                            "SCSI core panicked on CDB {:02x?}",
+                            job.cdb
+                        );
                         target_failure = true;
                         ScsiResponse {
                             status: ScsiStatus::CheckCondition,
@@ -1930,7 +1949,11 @@ fn run_job(conn: &Arc<Conn>, mut job: Box<ScsiJob>) {
             stat_sn: 0,
             exp_cmd_sn: 0,
             max_cmd_sn: 0,
-            exp_data_sn: if job.read { data_in_count } else { job.r2t_count },
+            exp_data_sn: if job.read {
+                data_in_count
+            } else {
+                job.r2t_count
+            },
             bidi_read_residual: 0,
             residual: residual.count,
         });

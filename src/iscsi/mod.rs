@@ -41,10 +41,10 @@ pub struct TargetDef {
     pub mutual_chap: Option<ChapCredentials>,
 }
 
+pub mod conn;
 pub mod digest;
 pub mod pdu;
-pub mod session;
-pub mod conn;
 pub mod server;
+pub mod session;
 
 pub use server::{Server, ServerHandle, ServerOptions};

@@ -773,7 +773,9 @@ impl SessionState {
 
     /// The R2Ts task `itt` may send now (allocating their TTTs).
     pub fn r2ts_for(&mut self, itt: u32) -> Vec<R2tPlan> {
-        let SessionState { tasks, next_ttt, .. } = self;
+        let SessionState {
+            tasks, next_ttt, ..
+        } = self;
         let Some(t) = tasks.get_mut(&itt) else {
             return Vec::new();
         };
