@@ -1197,7 +1197,7 @@ impl FfpReader {
         let edtl = c.expected_data_len;
         let mut local = None;
         let mut charge = None;
-        if (c.read && c.write) || (c.write && edtl > opts.max_command_data) {
+        if c.write && (c.read || edtl > opts.max_command_data) {
             // Bidirectional commands are not supported; oversized writes
             // cannot be buffered.
             local = Some(LocalAnswer::InvalidFieldInCdb);
