@@ -34,9 +34,9 @@ use super::pdu::{
 };
 use super::server::Shared;
 use super::session::{
-    self, data_out_len, fixed_sense, initiator_port_name, plan_data_in, target_port_name, Arrival,
-    BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer, Ordered, Request, Residual,
-    ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
+    self, data_out_len, fixed_sense, initiator_port_name, plan_data_in, target_port_name,
+    truncate_write_cdb, Arrival, BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer,
+    Ordered, Request, Residual, ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
 };
 use crate::scsi::{Nexus, ScsiRequest, ScsiResponse, ScsiStatus, TaskAttr, TaskMgmt};
 
@@ -1086,6 +1086,7 @@ impl FfpReader {
     }
 
     fn dispatch(&mut self, h: Bhs, bhs: &[u8; BHS_LEN], data_len: u32) -> Result<(), End> {
+        tracing::trace!(conn = self.conn.id, data_len, "received {h:?}");
         match h {
             Bhs::ScsiCommand(c) => self.on_command(c, bhs, data_len),
             Bhs::DataOut(d) => self.on_data_out(d, bhs, data_len),
@@ -1331,8 +1332,24 @@ impl FfpReader {
             placement = match ds.accept(&d, data_len) {
                 Ok(p) => p,
                 Err(e) => {
+                    // The framing is intact: fail this command (CHECK
+                    // CONDITION) and keep the connection; later Data-Out
+                    // for it is dropped.
+                    tracing::debug!(conn = self.conn.id, itt = d.itt, "Data-Out rejected: {e}");
+                    let (asc, ascq) = e.asc_ascq();
+                    if let Some(j) = t.job.as_mut() {
+                        j.local = Some(LocalAnswer::DataPhase { asc, ascq });
+                        j.r2t_count = ds.r2t_count();
+                    }
+                    t.phase = TaskPhase::Ready;
+                    let mut acts = Actions::default();
+                    if let Some(job) = st.take_if_ready(d.itt) {
+                        acts.jobs.push((self.conn.clone(), job));
+                    }
                     drop(st);
-                    return Err(self.protocol_error(bhs, e.to_string()));
+                    acts.run();
+                    let _ = bhs;
+                    return self.skip_data(data_len);
                 }
             };
             job = t.job.take();
@@ -1820,6 +1837,9 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
         (Some(LocalAnswer::InvalidFieldInCdb), _, _) | (None, None, _) | (None, _, None) => {
             check_condition(session::SENSE_ILLEGAL_REQUEST, 0x24, 0)
         }
+        (Some(LocalAnswer::DataPhase { asc, ascq }), _, _) => {
+            check_condition(session::SENSE_ABORTED_COMMAND, asc, ascq)
+        }
         (None, Some(target), Some(nexus)) => {
             let lun = job.lun.to_flat().unwrap_or(u64::MAX);
             let spdtl = if job.write {
@@ -1833,9 +1853,16 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
             if let Some(sp) = spdtl {
                 residual = Residual::of(edtl, sp);
             }
-            if residual.overflow && job.write {
-                // Less data than the CDB describes: the command cannot run
-                // (INVALID FIELD IN COMMAND INFORMATION UNIT).
+            let bs = target
+                .luns
+                .get(lun)
+                .map_or(512, |lu| lu.config.block_size.max(1));
+            if residual.overflow
+                && job.write
+                && !(edtl % bs == 0 && truncate_write_cdb(&mut job.cdb, edtl / bs))
+            {
+                // Less data than the CDB describes and no whole-block way
+                // to move only that: INVALID FIELD IN COMMAND INFORMATION UNIT.
                 check_condition(session::SENSE_ILLEGAL_REQUEST, 0x0e, 0x03)
             } else {
                 let n = spdtl.map_or(job.data.len(), |sp| (sp as usize).min(job.data.len()));

@@ -480,6 +480,33 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
     }
 }
 
+/// Shrink the transfer length of a block WRITE / WRITE AND VERIFY CDB to
+/// `blocks`, for a write whose Expected Data Transfer Length is shorter
+/// than its CDB (FCP-4 style: process the command, move no data beyond the
+/// expected length). Returns false for other opcodes, and for WRITE(6)
+/// with 0 blocks (which would mean 256); the caller then fails the command.
+pub fn truncate_write_cdb(cdb: &mut [u8], blocks: u32) -> bool {
+    let put = |cdb: &mut [u8], from: usize, bytes: &[u8]| -> bool {
+        match cdb.get_mut(from..from + bytes.len()) {
+            Some(d) => {
+                d.copy_from_slice(bytes);
+                true
+            }
+            None => false,
+        }
+    };
+    match cdb.first() {
+        Some(0x0a) if (1..=255).contains(&blocks) => put(cdb, 4, &[blocks as u8]),
+        Some(0x2a | 0x2e) => match u16::try_from(blocks) {
+            Ok(b) => put(cdb, 7, &b.to_be_bytes()),
+            Err(_) => false,
+        },
+        Some(0xaa | 0xae) => put(cdb, 6, &blocks.to_be_bytes()),
+        Some(0x8a | 0x8e) => put(cdb, 10, &blocks.to_be_bytes()),
+        _ => false,
+    }
+}
+
 /// Fixed-format sense data (SPC-4 §4.5.3) for the few conditions the
 /// transport itself reports.
 pub fn fixed_sense(key: u8, asc: u8, ascq: u8) -> Vec<u8> {
@@ -494,6 +521,8 @@ pub fn fixed_sense(key: u8, asc: u8, ascq: u8) -> Vec<u8> {
 
 /// ILLEGAL REQUEST.
 pub const SENSE_ILLEGAL_REQUEST: u8 = 0x05;
+/// ABORTED COMMAND.
+pub const SENSE_ABORTED_COMMAND: u8 = 0x0b;
 
 /// Charge against a session's budget of buffered write data, released on
 /// drop so every path out of a task gives it back.
@@ -556,6 +585,25 @@ pub enum LocalAnswer {
     TaskSetFull,
     /// CHECK CONDITION, ILLEGAL REQUEST, INVALID FIELD IN CDB.
     InvalidFieldInCdb,
+    /// CHECK CONDITION, ABORTED COMMAND with this ASC/ASCQ: the Data-Out
+    /// broke the rules (DataSN, offset, TTT, length).
+    DataPhase { asc: u8, ascq: u8 },
+}
+
+impl DataOutError {
+    /// ASC/ASCQ (sense key ABORTED COMMAND) the failed command reports.
+    pub fn asc_ascq(&self) -> (u8, u8) {
+        match self {
+            // INVALID TARGET PORT TRANSFER TAG RECEIVED
+            DataOutError::UnknownTtt(_) => (0x4b, 0x01),
+            // TOO MUCH WRITE DATA
+            DataOutError::Overrun { .. } | DataOutError::SegmentTooLong { .. } => (0x4b, 0x02),
+            // DATA OFFSET ERROR
+            DataOutError::BufferOffset { .. } => (0x4b, 0x05),
+            // DATA PHASE ERROR
+            _ => (0x4b, 0x00),
+        }
+    }
 }
 
 /// Where a task is.
@@ -1227,6 +1275,27 @@ mod tests {
         assert_eq!(data_out_len(&[0x28, 0, 0], 512), None);
         assert_eq!(data_out_len(&[0x2a, 0], 512), None);
         assert_eq!(data_out_len(&[], 512), None);
+    }
+
+    #[test]
+    fn write_cdbs_truncate_to_whole_blocks() {
+        let mut w10 = [0x2a, 0, 0, 0, 0, 9, 0, 0, 2, 0];
+        assert!(truncate_write_cdb(&mut w10, 1));
+        assert_eq!(data_out_len(&w10, 512), Some(512));
+        assert_eq!(w10[5], 9);
+        let mut w16 = [0u8; 16];
+        w16[0] = 0x8a;
+        w16[13] = 8;
+        assert!(truncate_write_cdb(&mut w16, 0));
+        assert_eq!(data_out_len(&w16, 512), Some(0));
+        let mut w6 = [0x0a, 0, 0, 0, 4, 0];
+        assert!(!truncate_write_cdb(&mut w6, 0));
+        assert!(truncate_write_cdb(&mut w6, 3));
+        assert_eq!(w6[4], 3);
+        let mut caw = [0u8; 16];
+        caw[0] = 0x89;
+        assert!(!truncate_write_cdb(&mut caw, 1));
+        assert!(!truncate_write_cdb(&mut [0x2a, 0, 0], 1));
     }
 
     #[test]
