@@ -694,6 +694,7 @@ fn attach(
     for s in to_close {
         tracing::info!(tsih = s.tsih, "session reinstated: closing the old one");
         close_session(&s);
+        nexus_loss(&s);
     }
 
     let params = ConnParams {
@@ -814,8 +815,23 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
     let _ = conn.stream.shutdown(Shutdown::Both);
     conn.stop_workers();
     if session_over {
-        conn.shared.registry().remove(session);
+        // A reinstated session was taken out of the registry (and its
+        // nexus loss reported) by the login that replaced it.
+        let removed = conn.shared.registry().remove(session);
         close_session(session);
+        if removed {
+            nexus_loss(session);
+        }
+    }
+}
+
+/// Tell the SCSI core the session's I_T nexus is gone (reservations,
+/// I_T NEXUS LOSS OCCURRED unit attention).
+fn nexus_loss(s: &Session) {
+    if let (Some(t), Some(n)) = (s.target(), s.nexus()) {
+        if catch_unwind(AssertUnwindSafe(|| t.luns.nexus_loss(n))).is_err() {
+            tracing::error!(tsih = s.tsih, "nexus_loss panicked");
+        }
     }
 }
 
