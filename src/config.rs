@@ -507,9 +507,8 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
             }
         }
 
-        let portals = if !ov.listen.is_empty() {
-            ov.listen.clone()
-        } else {
+        // The file's portals are checked even when --listen replaces them.
+        let portals = {
             let specs = t
                 .portals
                 .unwrap_or_else(|| vec![DEFAULT_PORTAL.to_string()]);
@@ -535,7 +534,11 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
                     )),
                 }
             }
-            out
+            if ov.listen.is_empty() {
+                out
+            } else {
+                ov.listen.clone()
+            }
         };
 
         let mut initiators: Vec<String> = Vec::new();
