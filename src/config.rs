@@ -1521,6 +1521,16 @@ block_size = 1000
     }
 
     #[test]
+    fn shipped_example_is_valid() {
+        let c = parse(include_str!("../examples/lunmirror.toml")).unwrap();
+        assert_eq!(c.targets.len(), 2);
+        assert_eq!(c.luns().count(), 3);
+        assert!(c.targets[0].mutual_chap.is_some());
+        assert!(c.targets[1].luns[0].read_only);
+        assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
+    }
+
+    #[test]
     fn open_access_warning() {
         let text = MIN.replace(
             "[[target.lun]]",
