@@ -24,6 +24,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info, warn};
 
+use crate::block::file::{EngineKind, FileDev, FileDevOptions};
 use crate::block::SharedDev;
 use crate::config::{self, Config, ConfigError, ConfigErrors, Engine, LunConfig, SizeSpec};
 use crate::iscsi::{ChapCredentials, TargetDef};
@@ -285,10 +286,28 @@ impl std::fmt::Debug for Volume {
 
 /// Open (or create, sparse) one LUN's backing file with the chosen engine.
 fn open_volume(r: &ResolvedLun, engine: Engine) -> Result<SharedDev, DaemonError> {
-    let _ = (r, engine);
-    Err(DaemonError::Runtime(
-        "this build has no file backstore yet (block::file)".to_string(),
-    ))
+    let opts = FileDevOptions {
+        engine: match engine {
+            Engine::Auto => EngineKind::Auto,
+            Engine::IoUring => EngineKind::IoUring,
+            Engine::Sync => EngineKind::Sync,
+        },
+        read_only: r.lun.read_only,
+        direct: false,
+        create_size: if r.create { r.size } else { None },
+    };
+    let dev = FileDev::open(&r.lun.path, opts).map_err(|e| {
+        DaemonError::runtime(
+            format_args!(
+                "volume {}: cannot open {}",
+                r.lun.volume,
+                r.lun.path.display()
+            ),
+            e,
+        )
+    })?;
+    info!(volume = %r.lun.volume, engine = %dev.engine(), "I/O engine");
+    Ok(Arc::new(dev))
 }
 
 /// Open every volume, creating `<state_dir>/volumes` if a LUN uses it.
