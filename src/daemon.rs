@@ -538,7 +538,11 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
         );
     }
 
-    let addrs: Vec<SocketAddr> = listeners.bound.values().copied().collect();
+    let addrs: Vec<SocketAddr> = listeners
+        .sockets
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     let result = run_frontends(targets, listeners, signals, || {
         for a in &addrs {
             info!("listening on {a}");
