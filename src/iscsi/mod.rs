@@ -4,6 +4,12 @@
 //! Protocol modules (`pdu`, `text`, `negotiate`, `login`) do no I/O; only
 //! `conn` touches sockets.
 
+pub mod chap;
+pub mod discovery;
+pub mod login;
+pub mod negotiate;
+pub mod text;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
