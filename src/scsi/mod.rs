@@ -149,6 +149,7 @@ pub fn decode_lun(field: [u8; 8]) -> u64 {
 pub mod cdb;
 mod lu;
 mod lun_map;
+pub mod pr;
 mod range_lock;
 pub mod sbc;
 pub mod sense;
@@ -157,6 +158,9 @@ mod ua;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests2;
 
 pub use lun_map::{LogicalUnit, LuConfig, LunMap};
+pub use pr::PrStore;
 pub use sense::{Asc, ScsiError, Sense, SenseKey};

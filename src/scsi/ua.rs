@@ -235,6 +235,16 @@ impl UaTable {
         }
     }
 
+    /// Establish `asc` for every known nexus `pred` selects.
+    pub fn establish_matching(&self, pred: impl Fn(&NexusKey) -> bool, asc: Asc) {
+        let map = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        for (k, s) in map.iter() {
+            if pred(k) {
+                s.push(asc);
+            }
+        }
+    }
+
     /// Establish `asc` for one nexus only if this LU has seen it.
     pub fn establish_known(&self, n: &Nexus, asc: Asc) {
         let map = self.slots.read().unwrap_or_else(|e| e.into_inner());
