@@ -27,7 +27,8 @@ use tracing::{error, info, warn};
 use crate::block::file::{EngineKind, FileDev, FileDevOptions};
 use crate::block::SharedDev;
 use crate::config::{self, Config, ConfigError, ConfigErrors, Engine, LunConfig, SizeSpec};
-use crate::iscsi::{ChapCredentials, TargetDef};
+use crate::iscsi::negotiate::TargetLimits;
+use crate::iscsi::{ChapCredentials, Server, TargetDef};
 use crate::scsi::{LogicalUnit, LuConfig, LunMap};
 
 /// Name of the lock file inside the state directory.
@@ -574,17 +575,25 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
 }
 
 /// Start the iSCSI server on the listeners, call `ready` once it accepts
-/// connections, and block until a shutdown signal has stopped it.
+/// connections, and block until a shutdown signal has stopped it (after its
+/// in-flight commands completed).
 fn run_frontends(
     targets: Vec<Arc<TargetDef>>,
     listeners: Listeners,
     signals: SigSet,
     ready: impl FnOnce() -> io::Result<()>,
 ) -> Result<(), DaemonError> {
-    let _ = (targets, listeners, signals, ready);
-    Err(DaemonError::Runtime(
-        "this build has no iSCSI server yet (iscsi::server)".to_string(),
-    ))
+    let server = Server::new(targets, listeners.sockets, TargetLimits::default());
+    let handle = server.handle();
+    let stop: Vec<StopFn> = vec![Box::new(move || handle.shutdown())];
+    spawn_signal_thread(signals, stop)
+        .map_err(|e| DaemonError::runtime("cannot start the signal thread", e))?;
+    ready().map_err(|e| DaemonError::runtime("cannot report the listening addresses", e))?;
+    server
+        .run()
+        .map_err(|e| DaemonError::runtime("iSCSI server failed", e))?;
+    info!("iSCSI server stopped");
+    Ok(())
 }
 
 #[cfg(test)]

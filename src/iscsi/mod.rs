@@ -40,3 +40,11 @@ pub struct TargetDef {
     /// Mutual CHAP: the target answers the initiator's challenge with these.
     pub mutual_chap: Option<ChapCredentials>,
 }
+
+pub mod conn;
+pub mod digest;
+pub mod pdu;
+pub mod server;
+pub mod session;
+
+pub use server::{Server, ServerHandle, ServerOptions};

@@ -1,6 +1,7 @@
 //! Integration-test harness: starts the real `lunmirror` binary on an
-//! ephemeral loopback port with a temporary state dir, and runs real
-//! initiator tools (libiscsi-bin, qemu, sg3-utils) against it with timeouts.
+//! ephemeral loopback port with a temporary state dir (or an in-process
+//! target with in-memory LUNs), and runs real initiator tools (libiscsi-bin,
+//! qemu, sg3-utils) against it with timeouts.
 //!
 //! Tools that are not installed make a test print `SKIPPED: <tool> not
 //! installed` and return, except under CI (`CI=true`), where a missing tool
@@ -10,12 +11,18 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use lunmirror::block::mem::MemDev;
+use lunmirror::iscsi::negotiate::TargetLimits;
+use lunmirror::iscsi::{Server, ServerHandle, ServerOptions, TargetDef};
+use lunmirror::scsi::{LogicalUnit, LuConfig, LunMap};
 
 /// Path of the daemon binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_lunmirror");
@@ -484,7 +491,133 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Does `hay` contain `needle` as a contiguous byte sequence?
+pub fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+}
+
 /// A name for initiator tools, unique per test.
 pub fn initiator(name: &str) -> String {
     format!("iqn.2026-11.io.lunmirror.test:{name}")
+}
+
+// ---------------------------------------------------------------------------
+// In-process target (no daemon binary): one target with MemDev-backed LUNs
+// on 127.0.0.1:0, for protocol-level tests of the iSCSI layer.
+
+pub const IQN: &str = "iqn.2026-11.io.lunmirror:test";
+
+pub struct TestTarget {
+    pub addr: SocketAddr,
+    pub handle: ServerHandle,
+    pub devs: Vec<Arc<MemDev>>,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestTarget {
+    pub fn url(&self, lun: u32) -> String {
+        format!("iscsi://{}/{}/{}", self.addr, IQN, lun)
+    }
+
+    pub fn portal(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Shut down and wait for the server to return.
+    pub fn stop(mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            t.join().expect("server thread").expect("server result");
+        }
+    }
+}
+
+impl Drop for TestTarget {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.handle.shutdown();
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn lu_config(n: u32, block_size: u32) -> LuConfig {
+    let mut naa = [0u8; 16];
+    naa[0] = 0x60;
+    naa[15] = n as u8;
+    LuConfig {
+        volume: format!("lun{n}"),
+        block_size,
+        read_only: false,
+        serial: format!("LM{n:08}"),
+        naa,
+        vendor: "LUNMIRR".into(),
+        product: "test".into(),
+        revision: "0001".into(),
+    }
+}
+
+/// A server with one target whose LUNs have the given sizes (512-byte blocks).
+pub fn start(sizes: &[u64]) -> TestTarget {
+    start_with(sizes, TargetLimits::default(), ServerOptions::default())
+}
+
+pub fn start_with(sizes: &[u64], limits: TargetLimits, opts: ServerOptions) -> TestTarget {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let mut map = LunMap::new();
+    let mut devs = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let dev = Arc::new(MemDev::new(size));
+        devs.push(dev.clone());
+        map.insert(
+            i as u64,
+            Arc::new(LogicalUnit::new(lu_config(i as u32, 512), dev)),
+        );
+    }
+    let target = Arc::new(TargetDef {
+        name: IQN.into(),
+        alias: Some("lunmirror test".into()),
+        luns: Arc::new(map),
+        portals: vec![addr],
+        allowed_initiators: Vec::new(),
+        chap: None,
+        mutual_chap: None,
+    });
+    let server = Server::with_options(vec![target], vec![listener], limits, opts);
+    let handle = server.handle();
+    let thread = std::thread::spawn(move || server.run());
+    TestTarget {
+        addr,
+        handle,
+        devs,
+        thread: Some(thread),
+    }
+}
+
+/// Path of an installed tool, or None.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The tool's path; if it is missing, print `SKIPPED` and return from the
+/// calling test (or fail it under CI, see [`skip`]).
+#[macro_export]
+macro_rules! require_tool {
+    ($name:expr) => {
+        match common::tool($name) {
+            Some(p) => p,
+            None => {
+                common::skip(&format!("{} not installed", $name));
+                return;
+            }
+        }
+    };
 }
