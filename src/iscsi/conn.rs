@@ -1283,6 +1283,13 @@ impl FfpReader {
                 self.conn.reject(bhs, RejectReason::TaskInProgress);
                 return Ok(());
             }
+            // Immediate commands bypass the CmdSN window; bound them so a
+            // peer cannot grow the task table without limit.
+            if c.immediate && st.tasks.len() >= 2 * opts.queue_depth.max(1) as usize {
+                drop(st);
+                self.conn.reject(bhs, RejectReason::ImmediateCommandReject);
+                return Ok(());
+            }
             let phase = match dstate {
                 Some(d) => TaskPhase::Receiving(d),
                 None => TaskPhase::Ready,
