@@ -342,11 +342,14 @@ impl Conn {
         };
         if !sent {
             // The connection is going away: the task will never run.
+            let mut acts = Actions::default();
             let mut st = self.session.lock();
             st.remove_task(itt);
+            release_blocked(&mut st, &mut acts);
             self.session.publish(&st.window);
             drop(st);
             self.session.changed.notify_all();
+            acts.run();
             return;
         }
         let queued = self.pool.queued.load(Ordering::Acquire);
@@ -775,6 +778,7 @@ pub(crate) fn close_session(s: &Arc<Session>) {
 fn teardown(conn: &Arc<Conn>, end: &End) {
     let session = &conn.session;
     let graceful = conn.logged_out.load(Ordering::Acquire);
+    let mut released = Actions::default();
     let session_over;
     {
         let mut st = session.lock();
@@ -799,6 +803,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
             }
         }
         st.forget_held_of(conn.id);
+        release_blocked(&mut st, &mut released);
         // ErrorRecoveryLevel 0: a failed connection fails its session.
         session_over = st.conns.is_empty() || (!graceful && !matches!(end, End::Shutdown));
         if session_over {
@@ -807,6 +812,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
         session.publish(&st.window);
     }
     session.changed.notify_all();
+    released.run();
     {
         let mut q = conn.lock_out();
         q.dead = true;
@@ -864,6 +870,19 @@ impl Actions {
         }
         for (c, req) in self.requests {
             handle_request(&c, *req);
+        }
+    }
+}
+
+/// Start tasks that task-attribute ordering held back, now that a task
+/// finished (under the session lock).
+fn release_blocked(st: &mut SessionState, acts: &mut Actions) {
+    for (id, job) in st.release_blocked() {
+        match st.conns.values().find(|c| c.id == id).cloned() {
+            Some(c) => acts.jobs.push((c, job)),
+            None => {
+                st.remove_task(job.itt);
+            }
         }
     }
 }
@@ -1304,6 +1323,7 @@ impl FfpReader {
                     delivered: c.immediate,
                     phase,
                     aborted: false,
+                    attr: c.attr,
                     job: Some(job),
                 },
             );
@@ -2015,12 +2035,14 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
         pdus.push(OutPdu::new(&h, StatSn::Advance, data));
     }
 
+    let mut acts = Actions::default();
     {
         let mut st = session.lock();
         let send = match st.remove_task(job.itt) {
             Some(t) => !t.aborted,
             None => false,
         };
+        release_blocked(&mut st, &mut acts);
         session.publish(&st.window);
         if send {
             // Queued under the session lock so a TMF that no longer finds
@@ -2030,4 +2052,5 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
     }
     session.changed.notify_all();
     conn.flush();
+    acts.run();
 }

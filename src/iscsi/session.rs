@@ -631,6 +631,8 @@ pub struct Task {
     pub phase: TaskPhase,
     /// Aborted by a TMF or a closing connection: it gets no response.
     pub aborted: bool,
+    /// Task attribute (ORDERED tasks run alone, HEAD OF QUEUE first).
+    pub attr: TaskAttribute,
     /// The command and its buffer, until it runs. `None` in `Receiving`
     /// while the connection reads a payload into the buffer.
     pub job: Option<Box<ScsiJob>>,
@@ -692,6 +694,12 @@ pub struct SessionState {
     pub closing: bool,
     /// Its connections by CID.
     pub conns: HashMap<u16, Arc<Conn>>,
+    /// Tasks handed to workers.
+    running: usize,
+    /// An ORDERED task is among them.
+    ordered_running: bool,
+    /// Runnable tasks held back by task-attribute ordering, in order.
+    blocked: std::collections::VecDeque<u32>,
 }
 
 impl SessionState {
@@ -703,6 +711,9 @@ impl SessionState {
             next_ttt: 1,
             closing: false,
             conns: HashMap::new(),
+            running: 0,
+            ordered_running: false,
+            blocked: std::collections::VecDeque::new(),
         }
     }
 
@@ -791,11 +802,18 @@ impl SessionState {
         }
     }
 
-    /// Remove a task, opening a CmdSN slot if it held one.
+    /// Remove a task, opening a CmdSN slot if it held one (and its place
+    /// among the running ones; call [`SessionState::release_blocked`] then).
     pub fn remove_task(&mut self, itt: u32) -> Option<Task> {
         let t = self.tasks.remove(&itt)?;
         if !t.immediate {
             self.window.complete();
+        }
+        if matches!(t.phase, TaskPhase::Running) {
+            self.running = self.running.saturating_sub(1);
+            if t.attr == TaskAttribute::Ordered {
+                self.ordered_running = false;
+            }
         }
         Some(t)
     }
@@ -807,16 +825,71 @@ impl SessionState {
         self.take_if_ready(itt)
     }
 
-    /// Move a task to `Running` and hand out its job if it is delivered
-    /// and has all its data.
-    pub fn take_if_ready(&mut self, itt: u32) -> Option<Box<ScsiJob>> {
+    /// Whether task attributes let a task with `attr` start now (SAM-5
+    /// task set management, session-wide): an ORDERED task waits for all
+    /// running tasks; everything but HEAD OF QUEUE waits behind a running
+    /// ORDERED task and behind tasks already held back.
+    fn admissible(&self, attr: TaskAttribute, queued_first: bool) -> bool {
+        match attr {
+            TaskAttribute::HeadOfQueue => true,
+            _ if self.ordered_running => false,
+            _ if !queued_first && !self.blocked.is_empty() => false,
+            TaskAttribute::Ordered => self.running == 0,
+            _ => true,
+        }
+    }
+
+    fn start(&mut self, itt: u32) -> Option<Box<ScsiJob>> {
         let t = self.tasks.get_mut(&itt)?;
+        let job = t.job.take()?;
+        t.phase = TaskPhase::Running;
+        let ordered = t.attr == TaskAttribute::Ordered;
+        self.running += 1;
+        if ordered {
+            self.ordered_running = true;
+        }
+        Some(job)
+    }
+
+    /// Move a task to `Running` and hand out its job if it is delivered,
+    /// has all its data, and task ordering allows; otherwise it waits for
+    /// [`SessionState::release_blocked`].
+    pub fn take_if_ready(&mut self, itt: u32) -> Option<Box<ScsiJob>> {
+        let t = self.tasks.get(&itt)?;
         if !t.ready_to_run() {
             return None;
         }
-        let job = t.job.take()?;
-        t.phase = TaskPhase::Running;
-        Some(job)
+        if !self.admissible(t.attr, false) {
+            if !self.blocked.contains(&itt) {
+                self.blocked.push_back(itt);
+            }
+            return None;
+        }
+        self.start(itt)
+    }
+
+    /// Held-back tasks that may start now, with their connection ids.
+    pub fn release_blocked(&mut self) -> Vec<(u64, Box<ScsiJob>)> {
+        let mut out = Vec::new();
+        while let Some(&itt) = self.blocked.front() {
+            let runnable = self
+                .tasks
+                .get(&itt)
+                .map(|t| (t.ready_to_run(), t.attr, t.conn));
+            let Some((true, attr, conn)) = runnable else {
+                // Aborted or gone while waiting.
+                self.blocked.pop_front();
+                continue;
+            };
+            if !self.admissible(attr, true) {
+                break;
+            }
+            self.blocked.pop_front();
+            if let Some(job) = self.start(itt) {
+                out.push((conn, job));
+            }
+        }
+        out
     }
 
     /// The R2Ts task `itt` may send now (allocating their TTTs).
@@ -1305,6 +1378,69 @@ mod tests {
             "iqn.a,i,0x23d000000001"
         );
         assert_eq!(target_port_name("iqn.t", 1), "iqn.t,t,0x0001");
+    }
+
+    fn ready_task(st: &mut SessionState, itt: u32, attr: TaskAttribute) {
+        st.tasks.insert(
+            itt,
+            Task {
+                conn: 1,
+                lun: Lun::default(),
+                cmd_sn: itt,
+                immediate: true,
+                delivered: true,
+                phase: TaskPhase::Ready,
+                aborted: false,
+                attr,
+                job: Some(Box::new(ScsiJob {
+                    itt,
+                    lun: Lun::default(),
+                    cdb: vec![0; 6],
+                    expected_len: 0,
+                    read: false,
+                    write: false,
+                    attr,
+                    data: Vec::new(),
+                    charge: None,
+                    immediate: true,
+                    r2t_count: 0,
+                    local: None,
+                })),
+            },
+        );
+    }
+
+    #[test]
+    fn ordered_tasks_run_alone_and_in_order() {
+        use TaskAttribute::*;
+        let mut st = SessionState::new(CmdWindow::new(0, 16));
+        ready_task(&mut st, 1, Simple);
+        assert!(st.take_if_ready(1).is_some());
+        // ORDERED waits for the running SIMPLE; later SIMPLEs wait behind it
+        ready_task(&mut st, 2, Ordered);
+        assert!(st.take_if_ready(2).is_none());
+        ready_task(&mut st, 3, Simple);
+        assert!(st.take_if_ready(3).is_none());
+        // HEAD OF QUEUE jumps the line
+        ready_task(&mut st, 4, HeadOfQueue);
+        assert!(st.take_if_ready(4).is_some());
+        st.remove_task(4);
+        assert!(st.release_blocked().is_empty(), "task 1 still runs");
+        st.remove_task(1);
+        let r: Vec<u32> = st.release_blocked().iter().map(|(_, j)| j.itt).collect();
+        assert_eq!(r, vec![2]);
+        st.remove_task(2);
+        let r: Vec<u32> = st.release_blocked().iter().map(|(_, j)| j.itt).collect();
+        assert_eq!(r, vec![3]);
+        // an aborted waiter is skipped
+        ready_task(&mut st, 5, Ordered);
+        assert!(st.take_if_ready(5).is_none());
+        ready_task(&mut st, 6, Simple);
+        assert!(st.take_if_ready(6).is_none());
+        st.remove_task(5);
+        st.remove_task(3);
+        let r: Vec<u32> = st.release_blocked().iter().map(|(_, j)| j.itt).collect();
+        assert_eq!(r, vec![6]);
     }
 
     #[test]
