@@ -1202,3 +1202,43 @@ fn receive_copy_results_operating_parameters_and_vpd() {
     }
     assert_eq!(at, v.len());
 }
+
+// ------------------------------------------------------------------- proptest
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1500))]
+
+        /// Known opcodes with random fields and parameter data on a thin LU,
+        /// from two nexuses, so PR, XCOPY, UNMAP and SANITIZE parsers see
+        /// hostile input with state left over from earlier commands.
+        #[test]
+        fn thin_lu_never_panics(
+            cmds in proptest::collection::vec(
+                (0usize..128, proptest::collection::vec(any::<u8>(), 15),
+                 proptest::collection::vec(any::<u8>(), 0..700), any::<bool>()),
+                1..6,
+            ),
+        ) {
+            let h = thin();
+            let b = nexus("iqn.fuzz-b");
+            for (idx, tail, data, second) in cmds {
+                let desc = &cdb::OPCODES[idx % cdb::OPCODES.len()];
+                let mut c = vec![desc.opcode];
+                c.extend_from_slice(&tail);
+                if let Some(sa) = desc.sa {
+                    c[1] = (c[1] & 0xE0) | sa as u8;
+                }
+                c.truncate(desc.usage.len());
+                let n = if second { &b } else { &h.n };
+                let r = h.run_as(n, 0, &c, &data);
+                if r.status == ScsiStatus::CheckCondition {
+                    prop_assert!(r.sense.len() >= 8);
+                }
+            }
+        }
+    }
+}
