@@ -10,6 +10,29 @@
 //! access checks (target lookup, initiator ACL), stage transitions, and
 //! text spread over several PDUs in both directions (C bit). No I/O; the
 //! server assigns the TSIH of new sessions and checks existing ones.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use lunmirror::iscsi::login::*;
+//!
+//! let config = Arc::new(LoginConfig::default()); // no targets: discovery only
+//! let mut login = LoginMachine::new(config);
+//! let text = b"InitiatorName=iqn.1993-08.org.debian:01:abc\0SessionType=Discovery\0";
+//! let req = LoginRequest {
+//!     transit: true, cont: false, csg: 1, nsg: 3, version_max: 0, version_min: 0,
+//!     isid: [0x80, 0, 0, 0, 0, 1], tsih: 0, itt: 1, cid: 0, cmd_sn: 1, exp_stat_sn: 0,
+//!     data: text,
+//! };
+//! match login.step(&req) {
+//!     LoginOutcome::Complete(mut resp, negotiated) => {
+//!         resp.tsih = 1; // the server's new TSIH
+//!         assert_eq!(negotiated.session_type, SessionType::Discovery);
+//!         // send `resp`, enter full feature phase with `negotiated.params`
+//!     }
+//!     LoginOutcome::Continue(_resp) => { /* send, read the next Login Request */ }
+//!     LoginOutcome::Failed(_resp) => { /* send, close; login.error() says why */ }
+//! }
+//! ```
 
 use std::sync::Arc;
 
@@ -1674,6 +1697,14 @@ mod tests {
     }
 
     #[test]
+    fn machine_can_move_between_threads() {
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<LoginMachine>();
+        assert_send::<NegotiatedLogin>();
+        assert_send::<LoginConfig>();
+    }
+
+    #[test]
     fn status_codes() {
         use LoginStatus::*;
         let table = [
@@ -1702,6 +1733,118 @@ mod tests {
                 code,
                 "{s:?}"
             );
+        }
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "InitiatorName",
+            "TargetName",
+            "SessionType",
+            "AuthMethod",
+            "CHAP_A",
+            "CHAP_N",
+            "CHAP_R",
+            "CHAP_I",
+            "CHAP_C",
+            "HeaderDigest",
+            "MaxBurstLength",
+            "FirstBurstLength",
+            "MaxRecvDataSegmentLength",
+            "InitialR2T",
+            "ImmediateData",
+            "X-foo",
+            "TargetAlias",
+            "SendTargets",
+            "ErrorRecoveryLevel",
+            "IFMarkInt",
+        ];
+        const VALUES: &[&str] = &[
+            INITIATOR,
+            TARGET,
+            "Normal",
+            "Discovery",
+            "CHAP,None",
+            "None",
+            "CHAP",
+            "5",
+            "7,5",
+            "alice",
+            "0x00",
+            "0b",
+            "CRC32C,None",
+            "512",
+            "16777215",
+            "0",
+            "Yes",
+            "No",
+            "Reject",
+            "",
+            "99999999999999999999999",
+        ];
+
+        fn data_strategy() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..200),
+                proptest::collection::vec((0..KEYS.len(), 0..VALUES.len()), 0..8).prop_map(|kv| {
+                    let mut seen = std::collections::BTreeSet::new();
+                    let pairs: Vec<(String, String)> = kv
+                        .into_iter()
+                        .filter(|(k, _)| seen.insert(*k))
+                        .map(|(k, v)| (KEYS[k].to_owned(), VALUES[v].to_owned()))
+                        .collect();
+                    encode_text(&pairs)
+                }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn hostile_request_sequences_never_panic(
+                steps in proptest::collection::vec(
+                    (any::<bool>(), any::<bool>(), 0u8..4, 0u8..4, 0u8..2, any::<bool>(), data_strategy()),
+                    1..10,
+                ),
+                chap in any::<bool>(),
+            ) {
+                let config = if chap { config_with(chap_target()) } else { config_with(target(TARGET)) };
+                let mut m = LoginMachine::new(config);
+                let mut finished = false;
+                for (transit, c, csg, nsg, version_min, other_isid, data) in steps {
+                    let mut r = req(csg, nsg, transit, &data);
+                    r.cont = c;
+                    r.version_min = version_min;
+                    if other_isid {
+                        r.isid = [9; 6];
+                    }
+                    match m.step(&r) {
+                        LoginOutcome::Continue(resp) => {
+                            prop_assert!(!finished);
+                            prop_assert_eq!((resp.status_class, resp.status_detail), (0, 0));
+                            prop_assert!(resp.data.len() <= LOGIN_MAX_DATA_SEGMENT);
+                            prop_assert!(!(resp.transit && resp.cont));
+                            if resp.transit {
+                                prop_assert!(transit, "target transits only when asked");
+                                prop_assert!(resp.nsg > resp.csg);
+                            }
+                        }
+                        LoginOutcome::Failed(resp) => {
+                            prop_assert!(resp.status_class >= 2);
+                            prop_assert!(m.error().is_some() || finished);
+                            finished = true;
+                        }
+                        LoginOutcome::Complete(resp, n) => {
+                            prop_assert!(!finished);
+                            prop_assert!(resp.transit && resp.nsg == 3);
+                            prop_assert!(!chap || n.session_type == SessionType::Discovery || resp.csg == 0 || m.error().is_none());
+                            finished = true;
+                        }
+                    }
+                }
+            }
         }
     }
 }

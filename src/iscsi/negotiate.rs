@@ -355,6 +355,8 @@ pub enum NegotiationError {
     InvalidDeclaration { key: String, value: String },
     #[error("reserved constant {value:?} offered for {key}")]
     ReservedValue { key: String, value: String },
+    #[error("inadmissible value {value:?} for {key}, whose default we cannot accept")]
+    Unacceptable { key: String, value: String },
     #[error("answer {value:?} to our offer of {key} is not admissible")]
     BadAnswer { key: String, value: String },
 }
@@ -382,6 +384,8 @@ pub struct Negotiator {
     received: Vec<(String, String)>,
     /// Our offers awaiting the initiator's answer.
     offered: Vec<(Key, u64)>,
+    /// Keys that reached a negotiated value (not Reject/Irrelevant).
+    settled: Vec<Key>,
     /// Whether our declarations (MaxRecvDataSegmentLength) went out.
     declared: bool,
 }
@@ -397,6 +401,7 @@ impl Negotiator {
             params: SessionParams::default(),
             received: Vec::new(),
             offered: Vec::new(),
+            settled: Vec::new(),
             declared: false,
         }
     }
@@ -431,36 +436,42 @@ impl Negotiator {
         self.discovery || !self.leading || self.pending_offers().is_empty()
     }
 
-    fn was_received(&self, key: Key) -> bool {
-        let name = key_def(key).name;
-        self.received.iter().any(|(k, _)| k == name)
+    fn is_settled(&self, key: Key) -> bool {
+        self.settled.contains(&key)
+    }
+
+    /// Our value for `key` when its RFC default is more than we accept
+    /// (only session keys of a leading, normal login can be constrained).
+    fn constraint(&self, key: Key) -> Option<u64> {
+        if self.discovery || !self.leading {
+            return None;
+        }
+        let defaults = SessionParams::default();
+        let l = &self.limits;
+        match key {
+            Key::MaxBurstLength if l.max_burst_length < defaults.max_burst_length => {
+                Some(u64::from(l.max_burst_length))
+            }
+            Key::FirstBurstLength if l.first_burst_length < defaults.first_burst_length => {
+                Some(u64::from(l.first_burst_length))
+            }
+            Key::ImmediateData if !l.immediate_data => Some(0),
+            _ => None,
+        }
     }
 
     /// The keys whose RFC defaults we cannot accept and the initiator did
-    /// not negotiate: we must offer our own value.
+    /// not settle: we must offer our own value.
     fn pending_offers(&self) -> Vec<(Key, u64)> {
-        let mut offers = Vec::new();
-        if self.discovery || !self.leading {
-            return offers;
-        }
-        let defaults = SessionParams::default();
-        if !self.was_received(Key::MaxBurstLength)
-            && self.limits.max_burst_length < defaults.max_burst_length
-        {
-            offers.push((Key::MaxBurstLength, u64::from(self.limits.max_burst_length)));
-        }
-        if !self.was_received(Key::FirstBurstLength)
-            && self.limits.first_burst_length < defaults.first_burst_length
-        {
-            offers.push((
-                Key::FirstBurstLength,
-                u64::from(self.limits.first_burst_length),
-            ));
-        }
-        if !self.was_received(Key::ImmediateData) && !self.limits.immediate_data {
-            offers.push((Key::ImmediateData, 0));
-        }
-        offers
+        [
+            Key::MaxBurstLength,
+            Key::FirstBurstLength,
+            Key::ImmediateData,
+        ]
+        .into_iter()
+        .filter(|k| !self.is_settled(*k))
+        .filter_map(|k| self.constraint(k).map(|v| (k, v)))
+        .collect()
     }
 
     /// Our declarations and offers for the operational stage: always
@@ -591,9 +602,10 @@ impl Negotiator {
                             offer || ours
                         };
                         self.set_bool(def.key, result);
+                        self.settled.push(def.key);
                         bool_str(result).to_owned()
                     }
-                    None => REJECT.to_owned(),
+                    None => self.reject_or_fail(def, value)?,
                 };
                 out.replies.push((name.to_owned(), answer));
             }
@@ -608,9 +620,10 @@ impl Negotiator {
                             offer.max(ours)
                         };
                         self.set_number(def.key, result);
+                        self.settled.push(def.key);
                         result.to_string()
                     }
-                    _ => REJECT.to_owned(),
+                    _ => self.reject_or_fail(def, value)?,
                 };
                 out.replies.push((name.to_owned(), answer));
             }
@@ -727,6 +740,7 @@ impl Negotiator {
                     return Err(bad());
                 }
                 self.set_number(def.key, n);
+                self.settled.push(def.key);
             }
             KeyKind::BoolAnd => {
                 let b = parse_bool(value).ok_or_else(bad)?;
@@ -734,10 +748,24 @@ impl Negotiator {
                     return Err(bad());
                 }
                 self.set_bool(def.key, b);
+                self.settled.push(def.key);
             }
             _ => return Err(bad()),
         }
         Ok(())
+    }
+
+    /// The answer to an inadmissible value: Reject, unless the default
+    /// that Reject leaves standing is more than we accept (we could not
+    /// then enforce our limit without negotiating the key a second time).
+    fn reject_or_fail(&self, def: &KeyDef, value: &str) -> Result<String, NegotiationError> {
+        if self.constraint(def.key).is_some() {
+            return Err(NegotiationError::Unacceptable {
+                key: def.name.to_owned(),
+                value: value.to_owned(),
+            });
+        }
+        Ok(REJECT.to_owned())
     }
 
     fn our_bool(&self, key: Key) -> bool {
@@ -1159,6 +1187,22 @@ mod tests {
     }
 
     #[test]
+    fn garbage_for_a_constrained_key_fails() {
+        let limits = TargetLimits {
+            max_burst_length: 4096,
+            ..TargetLimits::default()
+        };
+        let mut n = Negotiator::new(&limits, false, true);
+        assert!(matches!(
+            n.negotiate(Phase::Operational, &pairs(&[("MaxBurstLength", "Yes")])),
+            Err(NegotiationError::Unacceptable { .. })
+        ));
+        // Unconstrained keys are simply rejected.
+        let mut n = Negotiator::new(&limits, false, true);
+        assert_eq!(reply(&mut n, "MaxConnections", "x"), "Reject");
+    }
+
+    #[test]
     fn discovery_makes_session_keys_irrelevant() {
         let mut n = Negotiator::new(&TargetLimits::default(), true, true);
         for k in [
@@ -1358,5 +1402,110 @@ mod tests {
         }
         .normalized();
         assert_eq!(l.first_burst_length, 4096);
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "HeaderDigest",
+            "DataDigest",
+            "MaxConnections",
+            "InitialR2T",
+            "ImmediateData",
+            "MaxRecvDataSegmentLength",
+            "MaxBurstLength",
+            "FirstBurstLength",
+            "DefaultTime2Wait",
+            "DefaultTime2Retain",
+            "MaxOutstandingR2T",
+            "DataPDUInOrder",
+            "DataSequenceInOrder",
+            "ErrorRecoveryLevel",
+            "IFMarker",
+            "OFMarker",
+            "iSCSIProtocolLevel",
+            "TaskReporting",
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (0u64..20_000_000).prop_map(|n| n.to_string()),
+                Just("Yes".to_owned()),
+                Just("No".to_owned()),
+                Just("CRC32C,None".to_owned()),
+                Just("None".to_owned()),
+                "[ -~]{0,12}",
+            ]
+        }
+
+        fn limits() -> impl Strategy<Value = TargetLimits> {
+            (
+                512u32..2_000_000,
+                512u32..2_000_000,
+                512u32..2_000_000,
+                0u16..20,
+                0u16..20,
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(|(mrdsl, mbl, fbl, mc, mor, r2t, imm)| TargetLimits {
+                    max_recv_data_segment_length: mrdsl,
+                    max_burst_length: mbl,
+                    first_burst_length: fbl,
+                    max_connections: mc,
+                    max_outstanding_r2t: mor,
+                    require_initial_r2t: r2t,
+                    immediate_data: imm,
+                    ..TargetLimits::default()
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn outcome_respects_our_limits(
+                l in limits(),
+                offers in proptest::collection::btree_map(0..KEYS.len(), value(), 0..KEYS.len()),
+            ) {
+                let pairs: Vec<(String, String)> =
+                    offers.into_iter().map(|(k, v)| (KEYS[k].to_owned(), v)).collect();
+                let mut n = Negotiator::new(&l, false, true);
+                let Ok(out) = n.negotiate(Phase::Operational, &pairs) else { return Ok(()) };
+                // Our declaration always goes out once.
+                let ours = n.target_keys();
+                prop_assert_eq!(&ours[0].0, "MaxRecvDataSegmentLength");
+                prop_assert_eq!(n.params().max_recv_data_segment_length_target, l.normalized().max_recv_data_segment_length);
+                // The initiator accepts our offers as made.
+                let answers: Vec<(String, String)> = ours[1..].to_vec();
+                n.negotiate(Phase::Operational, &answers).unwrap();
+                prop_assert!(!n.awaiting_answers());
+                let l = l.normalized();
+                let p = n.params();
+                prop_assert!(p.max_burst_length <= l.max_burst_length);
+                prop_assert!(p.first_burst_length <= p.max_burst_length);
+                prop_assert!(p.first_burst_length <= l.first_burst_length.max(65_536));
+                prop_assert!(p.max_connections >= 1 && p.max_connections <= l.max_connections);
+                prop_assert!(p.max_outstanding_r2t >= 1 && p.max_outstanding_r2t <= l.max_outstanding_r2t);
+                prop_assert_eq!(p.error_recovery_level, 0);
+                prop_assert!(!p.ifmarker && !p.ofmarker);
+                prop_assert!(p.data_pdu_in_order && p.data_sequence_in_order);
+                if l.require_initial_r2t { prop_assert!(p.initial_r2t); }
+                if !l.immediate_data { prop_assert!(!p.immediate_data || !pairs.iter().any(|(k, _)| k == "ImmediateData")); }
+                prop_assert!((512..=MAX_SEGMENT_LENGTH).contains(&p.max_recv_data_segment_length_initiator));
+                // Every answered key is one that was offered, answered once.
+                for (k, v) in &out.replies {
+                    prop_assert_eq!(pairs.iter().filter(|(pk, _)| pk == k).count(), 1);
+                    let def = lookup(k).unwrap();
+                    if matches!(def.kind, KeyKind::NumMin | KeyKind::NumMax) && v != "Reject" {
+                        let (lo, hi) = def.range.unwrap();
+                        let n: u64 = v.parse().unwrap();
+                        prop_assert!((lo..=hi).contains(&n));
+                        let offered: u64 = parse_number(&pairs.iter().find(|(pk, _)| pk == k).unwrap().1).unwrap();
+                        if def.kind == KeyKind::NumMin { prop_assert!(n <= offered); } else { prop_assert!(n >= offered); }
+                    }
+                }
+            }
+        }
     }
 }
