@@ -34,10 +34,11 @@ use super::pdu::{
 };
 use super::server::Shared;
 use super::session::{
-    self, data_out_len, fixed_sense, initiator_port_name, plan_data_in, target_port_name,
-    truncate_write_cdb, Arrival, BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer,
-    Ordered, Request, Residual, ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
+    self, fixed_sense, initiator_port_name, plan_data_in, target_port_name, truncate_write_cdb,
+    Arrival, BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer, Ordered, Request,
+    Residual, ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
 };
+use crate::scsi::cdb::data_out_len;
 use crate::scsi::{Nexus, ScsiRequest, ScsiResponse, ScsiStatus, TaskAttr, TaskMgmt};
 
 /// How an outgoing PDU uses the connection's StatSN.

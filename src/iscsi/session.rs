@@ -424,62 +424,6 @@ impl Residual {
     }
 }
 
-/// Bytes of data-out a CDB asks for (the SCSI Prescribed Data Transfer
-/// Length), for the commands that carry data-out; `None` when the iSCSI
-/// layer does not know the opcode (no residual is computed then and the
-/// core receives everything the initiator sent).
-///
-/// The transport needs this to report write residuals and to hand the core
-/// exactly what the CDB describes.
-pub fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
-    let b = |i: usize| cdb.get(i).copied().map(u64::from);
-    let be = |from: usize, n: usize| -> Option<u64> {
-        let s = cdb.get(from..from + n)?;
-        Some(s.iter().fold(0u64, |a, &x| (a << 8) | u64::from(x)))
-    };
-    let bs = u64::from(block_size);
-    match *cdb.first()? {
-        // WRITE(6): a transfer length of 0 means 256 blocks.
-        0x0a => Some(
-            match b(4)? {
-                0 => 256,
-                n => n,
-            } * bs,
-        ),
-        // WRITE(10), WRITE AND VERIFY(10)
-        0x2a | 0x2e => Some(be(7, 2)? * bs),
-        // WRITE(12), WRITE AND VERIFY(12)
-        0xaa | 0xae => Some(be(6, 4)? * bs),
-        // WRITE(16), WRITE AND VERIFY(16)
-        0x8a | 0x8e => Some(be(10, 4)? * bs),
-        // COMPARE AND WRITE: verify data then write data
-        0x89 => Some(b(13)? * 2 * bs),
-        // WRITE SAME(10/16): one block unless NDOB
-        0x41 => Some(if b(1)? & 1 != 0 { 0 } else { bs }),
-        0x93 => Some(if b(1)? & 1 != 0 { 0 } else { bs }),
-        // VERIFY(10/16) with BYTCHK: 01b the blocks, 11b one block
-        0x2f => Some(match (b(1)? >> 1) & 3 {
-            1 => be(7, 2)? * bs,
-            3 => bs,
-            _ => 0,
-        }),
-        0x8f => Some(match (b(1)? >> 1) & 3 {
-            1 => be(10, 4)? * bs,
-            3 => bs,
-            _ => 0,
-        }),
-        // parameter-list commands
-        0x15 => b(4),     // MODE SELECT(6)
-        0x55 => be(7, 2), // MODE SELECT(10)
-        0x42 => be(7, 2), // UNMAP
-        0x5f => be(5, 4), // PERSISTENT RESERVE OUT
-        0x3b => be(6, 3), // WRITE BUFFER
-        0x1d => be(3, 2), // SEND DIAGNOSTIC
-        0xa4 => be(6, 4), // MAINTENANCE OUT
-        _ => None,
-    }
-}
-
 /// Shrink the transfer length of a block WRITE / WRITE AND VERIFY CDB to
 /// `blocks`, for a write whose Expected Data Transfer Length is shorter
 /// than its CDB (FCP-4 style: process the command, move no data beyond the
@@ -1329,29 +1273,8 @@ mod tests {
     }
 
     #[test]
-    fn write_lengths_from_cdbs() {
-        let mut w10 = [0u8; 10];
-        w10[0] = 0x2a;
-        w10[8] = 2;
-        assert_eq!(data_out_len(&w10, 512), Some(1024));
-        let mut w6 = [0u8; 6];
-        w6[0] = 0x0a;
-        assert_eq!(data_out_len(&w6, 512), Some(256 * 512));
-        let mut caw = [0u8; 16];
-        caw[0] = 0x89;
-        caw[13] = 1;
-        assert_eq!(data_out_len(&caw, 4096), Some(8192));
-        let mut unmap = [0u8; 10];
-        unmap[0] = 0x42;
-        unmap[8] = 24;
-        assert_eq!(data_out_len(&unmap, 512), Some(24));
-        assert_eq!(data_out_len(&[0x28, 0, 0], 512), None);
-        assert_eq!(data_out_len(&[0x2a, 0], 512), None);
-        assert_eq!(data_out_len(&[], 512), None);
-    }
-
-    #[test]
     fn write_cdbs_truncate_to_whole_blocks() {
+        use crate::scsi::cdb::data_out_len;
         let mut w10 = [0x2a, 0, 0, 0, 0, 9, 0, 0, 2, 0];
         assert!(truncate_write_cdb(&mut w10, 1));
         assert_eq!(data_out_len(&w10, 512), Some(512));
