@@ -1,31 +1,25 @@
-//! Micro-benchmarks of the iSCSI wire hot path, without sockets: decoding
-//! a SCSI Command BHS (what the reader does per command), encoding the
-//! Data-In and SCSI Response headers (what every completion does), a whole
-//! PDU with 4 KiB of immediate data, and CRC32C digests over a header and
-//! over data segments of typical sizes.
-//!
-//! `cargo bench --bench pdu [-- filter]`
+//! Micro-benchmarks of the iSCSI data path's pure parts: PDU header
+//! encode/decode, digests, R2T planning and Data-In splitting.
 
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lunmirror::iscsi::digest::{self, Crc32c};
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use lunmirror::iscsi::digest;
 use lunmirror::iscsi::pdu::{
-    Bhs, DataIn, FrameConfig, Lun, Pdu, Prefix, ScsiCommand, ScsiResponse, TaskAttribute, BHS_LEN,
+    Bhs, DataIn, FrameConfig, Lun, Pdu, ScsiCommand, TaskAttribute, BHS_LEN, RESERVED_TAG,
 };
+use lunmirror::iscsi::session::{plan_data_in, DataOutLimits, DataOutState};
 
-/// READ(16) or WRITE(16) of 8 blocks at LBA 0x1234 as a SCSI Command BHS.
-fn command(write: bool, immediate_len: u32) -> [u8; BHS_LEN] {
+fn command() -> Bhs {
     let mut cdb = [0u8; 16];
-    cdb[0] = if write { 0x8a } else { 0x88 };
-    cdb[2..10].copy_from_slice(&0x1234u64.to_be_bytes());
-    cdb[10..14].copy_from_slice(&8u32.to_be_bytes());
+    cdb[0] = 0x28;
+    cdb[8] = 8;
     Bhs::ScsiCommand(ScsiCommand {
         immediate: false,
         fin: true,
-        read: !write,
-        write,
+        read: true,
+        write: false,
         attr: TaskAttribute::Simple,
         lun: Lun::from_flat(0),
-        itt: 0x42,
+        itt: 42,
         expected_data_len: 4096,
         cmd_sn: 7,
         exp_stat_sn: 9,
@@ -33,93 +27,102 @@ fn command(write: bool, immediate_len: u32) -> [u8; BHS_LEN] {
         ext_cdb: Vec::new(),
         bidi_read_len: None,
     })
-    .encode(immediate_len)
 }
 
-fn headers(c: &mut Criterion) {
-    let mut g = c.benchmark_group("bhs");
-    let read = command(false, 0);
-    g.bench_function("decode_scsi_command", |b| {
-        b.iter(|| {
-            let bhs = black_box(&read);
-            let pre = Prefix::parse(bhs);
-            (pre.data_len, Bhs::decode(bhs, &[]))
-        })
+fn bench(c: &mut Criterion) {
+    let cmd = command();
+    let bytes = cmd.encode(0);
+    c.bench_function("bhs_decode_scsi_command", |b| {
+        b.iter(|| Bhs::decode(black_box(&bytes), &[]).unwrap())
     });
-    let data_in = Bhs::DataIn(DataIn {
+    let din = Bhs::DataIn(DataIn {
         fin: true,
         ack: false,
         overflow: false,
         underflow: false,
         status_present: true,
         status: 0,
-        lun: Lun::from_flat(0),
-        itt: 0x42,
-        ttt: u32::MAX,
-        stat_sn: 0,
-        exp_cmd_sn: 0,
-        max_cmd_sn: 0,
+        lun: Lun::default(),
+        itt: 42,
+        ttt: RESERVED_TAG,
+        stat_sn: 1,
+        exp_cmd_sn: 2,
+        max_cmd_sn: 3,
         data_sn: 0,
         buffer_offset: 0,
         residual: 0,
     });
-    g.bench_function("encode_data_in", |b| {
-        b.iter(|| black_box(&data_in).encode(black_box(4096)))
+    c.bench_function("bhs_encode_data_in", |b| {
+        b.iter(|| black_box(&din).encode(4096))
     });
-    let resp = Bhs::ScsiResponse(ScsiResponse {
-        bidi_overflow: false,
-        bidi_underflow: false,
-        overflow: false,
-        underflow: false,
-        response: 0,
-        status: 0,
-        itt: 0x42,
-        snack_tag: 0,
-        stat_sn: 0,
-        exp_cmd_sn: 0,
-        max_cmd_sn: 0,
-        exp_data_sn: 0,
-        bidi_read_residual: 0,
-        residual: 0,
-    });
-    g.bench_function("encode_scsi_response", |b| {
-        b.iter(|| black_box(&resp).encode(0))
-    });
-    g.finish();
 
-    // A whole write command with 4 KiB of immediate data, as one buffer.
-    let mut wire = command(true, 4096).to_vec();
-    wire.extend(std::iter::repeat(0xa5u8).take(4096));
-    let cfg = FrameConfig {
-        max_data_segment_len: 262_144,
-        ..FrameConfig::default()
-    };
-    let mut g = c.benchmark_group("pdu");
-    g.throughput(Throughput::Bytes(wire.len() as u64));
-    g.bench_function("decode_write16_4k_immediate", |b| {
-        b.iter(|| Pdu::decode(black_box(&wire), &cfg))
-    });
-    g.finish();
-}
-
-fn digests(c: &mut Criterion) {
     let mut g = c.benchmark_group("crc32c");
-    let bhs = command(false, 0);
-    g.throughput(Throughput::Bytes(BHS_LEN as u64));
-    g.bench_function("header_48", |b| b.iter(|| digest::crc32c(black_box(&bhs))));
-    for len in [4096usize, 65_536, 262_144] {
-        let data: Vec<u8> = (0..len).map(|i| (i * 131) as u8).collect();
-        g.throughput(Throughput::Bytes(len as u64));
-        g.bench_with_input(BenchmarkId::new("data", len), &data, |b, d| {
-            b.iter(|| {
-                let mut c = Crc32c::new();
-                c.update(black_box(d));
-                c.value()
-            })
+    for size in [BHS_LEN, 4096, 262_144] {
+        let data = vec![0x5au8; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_function(format!("{size}"), |b| {
+            b.iter(|| digest::crc32c(black_box(&data)))
         });
     }
     g.finish();
+
+    let cfg = FrameConfig {
+        header_digest: true,
+        data_digest: true,
+        max_data_segment_len: 1 << 18,
+    };
+    let pdu = Pdu {
+        header: command(),
+        data: vec![1; 4096],
+    };
+    let wire = pdu.encode(&cfg);
+    c.bench_function("pdu_decode_4k_with_digests", |b| {
+        b.iter(|| Pdu::decode(black_box(&wire), &cfg).unwrap())
+    });
+
+    let limits = DataOutLimits {
+        initial_r2t: true,
+        immediate_data: true,
+        first_burst_length: 65536,
+        max_burst_length: 262_144,
+        max_outstanding_r2t: 1,
+        max_recv_data_segment_length: 262_144,
+    };
+    c.bench_function("r2t_plan_1mib_write", |b| {
+        b.iter(|| {
+            let mut s = DataOutState::new(1 << 20, 0, true, limits).unwrap();
+            let mut ttt = 0;
+            let mut n = 0;
+            loop {
+                let r = s.next_r2ts(|| {
+                    ttt += 1;
+                    ttt
+                });
+                if r.is_empty() {
+                    break;
+                }
+                n += r.len();
+                // each burst arrives as one Data-Out
+                for p in r {
+                    let d = lunmirror::iscsi::pdu::DataOut {
+                        fin: true,
+                        lun: Lun::default(),
+                        itt: 1,
+                        ttt: p.ttt,
+                        exp_stat_sn: 0,
+                        data_sn: 0,
+                        buffer_offset: p.offset,
+                    };
+                    s.accept(&d, p.len).unwrap();
+                }
+            }
+            black_box(n)
+        })
+    });
+    c.bench_function("data_in_plan_1mib", |b| {
+        b.iter(|| plan_data_in(black_box(1 << 20), 262_144, 262_144).count())
+    });
 }
 
-criterion_group!(benches, headers, digests);
+criterion_group!(benches, bench);
 criterion_main!(benches);

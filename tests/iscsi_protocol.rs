@@ -753,6 +753,48 @@ fn hostile_pdus_are_rejected_without_harming_other_sessions() {
 }
 
 #[test]
+fn immediate_commands_are_bounded() {
+    let opts = ServerOptions {
+        queue_depth: 4,
+        ..ServerOptions::default()
+    };
+    let t = common::start_with(&[1 << 20], TargetLimits::default(), opts);
+    let mut ini = Initiator::login_ok(
+        t.addr,
+        ISID,
+        0,
+        0,
+        &with_keys(keys(), &[("ImmediateData", "No")]),
+    );
+    // Writes waiting for data stay in the task table.
+    let mut itts = Vec::new();
+    for _ in 0..9 {
+        let mut c = ini.command(&write10(0, 1), 512, false, true, true);
+        c.immediate = true;
+        ini.cmd_sn = ini.cmd_sn.wrapping_sub(1);
+        itts.push(c.itt);
+        ini.send_raw(&Pdu {
+            header: Bhs::ScsiCommand(c),
+            data: vec![],
+        });
+    }
+    let mut r2ts = 0;
+    let mut rejects = 0;
+    for _ in 0..9 {
+        match ini.recv().unwrap().header {
+            Bhs::R2t(_) => r2ts += 1,
+            Bhs::Reject(r) => {
+                assert_eq!(r.reason, RejectReason::ImmediateCommandReject);
+                rejects += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((r2ts, rejects), (8, 1));
+    t.stop();
+}
+
+#[test]
 fn data_out_errors_fail_only_the_command() {
     let t = common::start(&[1 << 20]);
     let mut ini = Initiator::login_ok(

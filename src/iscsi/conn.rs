@@ -34,10 +34,11 @@ use super::pdu::{
 };
 use super::server::Shared;
 use super::session::{
-    self, data_out_len, fixed_sense, initiator_port_name, plan_data_in, target_port_name,
-    truncate_write_cdb, Arrival, BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer,
-    Ordered, Request, Residual, ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
+    self, fixed_sense, initiator_port_name, plan_data_in, target_port_name, truncate_write_cdb,
+    Arrival, BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer, Ordered, Request,
+    Residual, ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
 };
+use crate::scsi::cdb::data_out_len;
 use crate::scsi::{Nexus, ScsiRequest, ScsiResponse, ScsiStatus, TaskAttr, TaskMgmt};
 
 /// How an outgoing PDU uses the connection's StatSN.
@@ -342,11 +343,14 @@ impl Conn {
         };
         if !sent {
             // The connection is going away: the task will never run.
+            let mut acts = Actions::default();
             let mut st = self.session.lock();
             st.remove_task(itt);
+            release_blocked(&mut st, &mut acts);
             self.session.publish(&st.window);
             drop(st);
             self.session.changed.notify_all();
+            acts.run();
             return;
         }
         let queued = self.pool.queued.load(Ordering::Acquire);
@@ -775,6 +779,7 @@ pub(crate) fn close_session(s: &Arc<Session>) {
 fn teardown(conn: &Arc<Conn>, end: &End) {
     let session = &conn.session;
     let graceful = conn.logged_out.load(Ordering::Acquire);
+    let mut released = Actions::default();
     let session_over;
     {
         let mut st = session.lock();
@@ -799,6 +804,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
             }
         }
         st.forget_held_of(conn.id);
+        release_blocked(&mut st, &mut released);
         // ErrorRecoveryLevel 0: a failed connection fails its session.
         session_over = st.conns.is_empty() || (!graceful && !matches!(end, End::Shutdown));
         if session_over {
@@ -807,6 +813,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
         session.publish(&st.window);
     }
     session.changed.notify_all();
+    released.run();
     {
         let mut q = conn.lock_out();
         q.dead = true;
@@ -864,6 +871,19 @@ impl Actions {
         }
         for (c, req) in self.requests {
             handle_request(&c, *req);
+        }
+    }
+}
+
+/// Start tasks that task-attribute ordering held back, now that a task
+/// finished (under the session lock).
+fn release_blocked(st: &mut SessionState, acts: &mut Actions) {
+    for (id, job) in st.release_blocked() {
+        match st.conns.values().find(|c| c.id == id).cloned() {
+            Some(c) => acts.jobs.push((c, job)),
+            None => {
+                st.remove_task(job.itt);
+            }
         }
     }
 }
@@ -1283,6 +1303,13 @@ impl FfpReader {
                 self.conn.reject(bhs, RejectReason::TaskInProgress);
                 return Ok(());
             }
+            // Immediate commands bypass the CmdSN window; bound them so a
+            // peer cannot grow the task table without limit.
+            if c.immediate && st.tasks.len() >= 2 * opts.queue_depth.max(1) as usize {
+                drop(st);
+                self.conn.reject(bhs, RejectReason::ImmediateCommandReject);
+                return Ok(());
+            }
             let phase = match dstate {
                 Some(d) => TaskPhase::Receiving(d),
                 None => TaskPhase::Ready,
@@ -1297,6 +1324,7 @@ impl FfpReader {
                     delivered: c.immediate,
                     phase,
                     aborted: false,
+                    attr: c.attr,
                     job: Some(job),
                 },
             );
@@ -2008,12 +2036,14 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
         pdus.push(OutPdu::new(&h, StatSn::Advance, data));
     }
 
+    let mut acts = Actions::default();
     {
         let mut st = session.lock();
         let send = match st.remove_task(job.itt) {
             Some(t) => !t.aborted,
             None => false,
         };
+        release_blocked(&mut st, &mut acts);
         session.publish(&st.window);
         if send {
             // Queued under the session lock so a TMF that no longer finds
@@ -2023,4 +2053,5 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
     }
     session.changed.notify_all();
     conn.flush();
+    acts.run();
 }

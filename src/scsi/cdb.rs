@@ -1162,6 +1162,42 @@ pub fn identify(cdb: &[u8]) -> Result<&'static OpDesc, ScsiError> {
     it.find(|d| d.sa == Some(sa)).ok_or(ScsiError::cdb(1, 4))
 }
 
+/// Bytes of data-out the CDB describes (its SPDTL), for frontends that must
+/// compare it with the transport's expected length and report residuals.
+/// `None` for unsupported opcodes or CDBs too short to say. Commands
+/// without data-out give `Some(0)`. The same table and parse functions as
+/// dispatch decide it, so transport and core cannot disagree.
+pub fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
+    let desc = identify(cdb).ok()?;
+    let cmd = (desc.parse)(&Reader::new(cdb)).ok()?;
+    let bs = u64::from(block_size);
+    Some(match cmd {
+        Command::Write { blocks, .. }
+        | Command::WriteAndVerify { blocks, .. }
+        | Command::OrWrite { blocks, .. } => u64::from(blocks) * bs,
+        Command::Verify { blocks, bytchk, .. } => match bytchk {
+            1 => u64::from(blocks) * bs,
+            3 => bs,
+            _ => 0,
+        },
+        Command::WriteSame { ndob, .. } => {
+            if ndob {
+                0
+            } else {
+                bs
+            }
+        }
+        Command::CompareAndWrite { blocks, .. } => 2 * u64::from(blocks) * bs,
+        Command::ModeSelect { param_len, .. }
+        | Command::Unmap { param_len, .. }
+        | Command::Sanitize { param_len, .. } => u64::from(param_len),
+        Command::PersistentReserveOut { param_len, .. } | Command::ExtendedCopy { param_len } => {
+            u64::from(param_len)
+        }
+        _ => 0,
+    })
+}
+
 /// Check a CDB against its usage mask: length, reserved bits, CONTROL byte.
 /// Reports the most significant bit of the first offending field.
 pub fn check_shape(cdb: &[u8], desc: &OpDesc) -> Result<(), ScsiError> {
@@ -1286,6 +1322,41 @@ mod tests {
                 Err(ScsiError::InvalidFieldInCdb { byte: 0, bit: None })
             ));
         }
+    }
+
+    #[test]
+    fn data_out_lengths() {
+        assert_eq!(data_out_len(&[0x0A, 0, 0, 0, 0, 0], 512), Some(256 * 512));
+        assert_eq!(
+            data_out_len(&[0x2A, 0, 0, 0, 0, 0, 0, 0, 3, 0], 4096),
+            Some(3 * 4096)
+        );
+        let mut c16 = [0u8; 16];
+        c16[0] = 0x89;
+        c16[13] = 2;
+        assert_eq!(data_out_len(&c16, 512), Some(2048));
+        c16[0] = 0x93;
+        c16[1] = 0x01; // NDOB
+        assert_eq!(data_out_len(&c16, 512), Some(0));
+        assert_eq!(
+            data_out_len(&[0x2F, 0x06, 0, 0, 0, 0, 0, 0, 9, 0], 512),
+            Some(512)
+        );
+        assert_eq!(
+            data_out_len(&[0x2F, 0x02, 0, 0, 0, 0, 0, 0, 9, 0], 512),
+            Some(9 * 512)
+        );
+        assert_eq!(data_out_len(&[0x15, 0x10, 0, 0, 24, 0], 512), Some(24));
+        assert_eq!(
+            data_out_len(&[0x5F, 0, 0, 0, 0, 0, 0, 0, 24, 0], 512),
+            Some(24)
+        );
+        assert_eq!(
+            data_out_len(&[0x28, 0, 0, 0, 0, 0, 0, 0, 9, 0], 512),
+            Some(0)
+        );
+        assert_eq!(data_out_len(&[0xFF; 16], 512), None);
+        assert_eq!(data_out_len(&[0x2A, 0], 512), None);
     }
 
     #[test]

@@ -221,7 +221,7 @@ impl LogicalUnit {
             st.nexus_loss(nexus);
             Ok(((), Outcome::Unchanged))
         });
-        self.ua.establish_known(nexus, Asc::I_T_NEXUS_LOSS);
+        self.ua.nexus_lost(nexus);
     }
 
     /// START STOP UNIT. Power conditions other than START/STOP are

@@ -88,9 +88,10 @@ impl LunMap {
         }
     }
 
-    /// The frontend lost an I_T nexus (session closed or reinstated):
-    /// reservations it held are released, and its next command on each LU
-    /// reports I_T NEXUS LOSS OCCURRED.
+    /// The frontend lost an I_T nexus (session closed, connection dropped,
+    /// session reinstated): SPC-2 reservations it held are released and its
+    /// pending unit attentions dropped (see `ua::UaTable::nexus_lost`).
+    /// Persistent reservations and registrations survive.
     pub fn nexus_loss(&self, nexus: &Nexus) {
         for lu in self.luns.values() {
             lu.nexus_loss(nexus);

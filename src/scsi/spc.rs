@@ -140,11 +140,11 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
     p[8..12].copy_from_slice(&((OPT_XFER_BYTES / bs) as u32).to_be_bytes());
     p[12..16].copy_from_slice(&((MAX_XFER_BYTES / bs) as u32).to_be_bytes()); // max pre-fetch
     if lu.thin() {
-        p[16..20].copy_from_slice(&((sbc::MAX_WS_BYTES / bs) as u32).to_be_bytes());
+        p[16..20].copy_from_slice(&(sbc::MAX_UNMAP_BLOCKS as u32).to_be_bytes());
         p[20..24].copy_from_slice(&sbc::MAX_UNMAP_DESCRIPTORS.to_be_bytes());
         p[24..28].copy_from_slice(&gran.to_be_bytes()); // optimal unmap granularity
     }
-    p[32..40].copy_from_slice(&(sbc::MAX_WS_BYTES / bs).to_be_bytes());
+    p[32..40].copy_from_slice(&sbc::MAX_WS_BLOCKS.to_be_bytes());
     vpd(0xB0, &p)
 }
 
