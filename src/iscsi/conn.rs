@@ -34,10 +34,11 @@ use super::pdu::{
 };
 use super::server::Shared;
 use super::session::{
-    self, data_out_len, fixed_sense, initiator_port_name, plan_data_in, target_port_name,
-    truncate_write_cdb, Arrival, BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer,
-    Ordered, Request, Residual, ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
+    self, fixed_sense, initiator_port_name, plan_data_in, target_port_name, truncate_write_cdb,
+    Arrival, BudgetCharge, CmdWindow, DataOutLimits, DataOutState, LocalAnswer, Ordered, Request,
+    Residual, ScsiJob, Session, SessionKind, SessionState, Task, TaskPhase,
 };
+use crate::scsi::cdb::data_out_len;
 use crate::scsi::{Nexus, ScsiRequest, ScsiResponse, ScsiStatus, TaskAttr, TaskMgmt};
 
 /// How an outgoing PDU uses the connection's StatSN.
@@ -342,11 +343,14 @@ impl Conn {
         };
         if !sent {
             // The connection is going away: the task will never run.
+            let mut acts = Actions::default();
             let mut st = self.session.lock();
             st.remove_task(itt);
+            release_blocked(&mut st, &mut acts);
             self.session.publish(&st.window);
             drop(st);
             self.session.changed.notify_all();
+            acts.run();
             return;
         }
         let queued = self.pool.queued.load(Ordering::Acquire);
@@ -694,6 +698,7 @@ fn attach(
     for s in to_close {
         tracing::info!(tsih = s.tsih, "session reinstated: closing the old one");
         close_session(&s);
+        nexus_loss(&s);
     }
 
     let params = ConnParams {
@@ -774,6 +779,7 @@ pub(crate) fn close_session(s: &Arc<Session>) {
 fn teardown(conn: &Arc<Conn>, end: &End) {
     let session = &conn.session;
     let graceful = conn.logged_out.load(Ordering::Acquire);
+    let mut released = Actions::default();
     let session_over;
     {
         let mut st = session.lock();
@@ -798,6 +804,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
             }
         }
         st.forget_held_of(conn.id);
+        release_blocked(&mut st, &mut released);
         // ErrorRecoveryLevel 0: a failed connection fails its session.
         session_over = st.conns.is_empty() || (!graceful && !matches!(end, End::Shutdown));
         if session_over {
@@ -806,6 +813,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
         session.publish(&st.window);
     }
     session.changed.notify_all();
+    released.run();
     {
         let mut q = conn.lock_out();
         q.dead = true;
@@ -814,8 +822,23 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
     let _ = conn.stream.shutdown(Shutdown::Both);
     conn.stop_workers();
     if session_over {
-        conn.shared.registry().remove(session);
+        // A reinstated session was taken out of the registry (and its
+        // nexus loss reported) by the login that replaced it.
+        let removed = conn.shared.registry().remove(session);
         close_session(session);
+        if removed {
+            nexus_loss(session);
+        }
+    }
+}
+
+/// Tell the SCSI core the session's I_T nexus is gone (reservations,
+/// I_T NEXUS LOSS OCCURRED unit attention).
+fn nexus_loss(s: &Session) {
+    if let (Some(t), Some(n)) = (s.target(), s.nexus()) {
+        if catch_unwind(AssertUnwindSafe(|| t.luns.nexus_loss(n))).is_err() {
+            tracing::error!(tsih = s.tsih, "nexus_loss panicked");
+        }
     }
 }
 
@@ -848,6 +871,19 @@ impl Actions {
         }
         for (c, req) in self.requests {
             handle_request(&c, *req);
+        }
+    }
+}
+
+/// Start tasks that task-attribute ordering held back, now that a task
+/// finished (under the session lock).
+fn release_blocked(st: &mut SessionState, acts: &mut Actions) {
+    for (id, job) in st.release_blocked() {
+        match st.conns.values().find(|c| c.id == id).cloned() {
+            Some(c) => acts.jobs.push((c, job)),
+            None => {
+                st.remove_task(job.itt);
+            }
         }
     }
 }
@@ -1267,6 +1303,13 @@ impl FfpReader {
                 self.conn.reject(bhs, RejectReason::TaskInProgress);
                 return Ok(());
             }
+            // Immediate commands bypass the CmdSN window; bound them so a
+            // peer cannot grow the task table without limit.
+            if c.immediate && st.tasks.len() >= 2 * opts.queue_depth.max(1) as usize {
+                drop(st);
+                self.conn.reject(bhs, RejectReason::ImmediateCommandReject);
+                return Ok(());
+            }
             let phase = match dstate {
                 Some(d) => TaskPhase::Receiving(d),
                 None => TaskPhase::Ready,
@@ -1281,6 +1324,7 @@ impl FfpReader {
                     delivered: c.immediate,
                     phase,
                     aborted: false,
+                    attr: c.attr,
                     job: Some(job),
                 },
             );
@@ -1992,12 +2036,14 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
         pdus.push(OutPdu::new(&h, StatSn::Advance, data));
     }
 
+    let mut acts = Actions::default();
     {
         let mut st = session.lock();
         let send = match st.remove_task(job.itt) {
             Some(t) => !t.aborted,
             None => false,
         };
+        release_blocked(&mut st, &mut acts);
         session.publish(&st.window);
         if send {
             // Queued under the session lock so a TMF that no longer finds
@@ -2007,4 +2053,5 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
     }
     session.changed.notify_all();
     conn.flush();
+    acts.run();
 }

@@ -102,14 +102,18 @@ impl Registry {
         self.sessions.get(&tsih)
     }
 
-    /// Remove `s` if it is still the session registered under its TSIH.
-    pub fn remove(&mut self, s: &Arc<Session>) {
+    /// Remove `s` if it is still the session registered under its TSIH;
+    /// returns whether it was.
+    pub fn remove(&mut self, s: &Arc<Session>) -> bool {
         if self
             .sessions
             .get(&s.tsih)
             .is_some_and(|cur| Arc::ptr_eq(cur, s))
         {
             self.sessions.remove(&s.tsih);
+            true
+        } else {
+            false
         }
     }
 
@@ -156,7 +160,7 @@ impl Shared {
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
     shared: Arc<Shared>,
-    wake: Arc<UnixStream>,
+    wake: Arc<Option<UnixStream>>,
 }
 
 impl ServerHandle {
@@ -165,7 +169,9 @@ impl ServerHandle {
     /// when that is done.
     pub fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
-        let _ = (&*self.wake).write(&[1]);
+        if let Some(w) = self.wake.as_ref() {
+            let _ = (&*w).write(&[1]);
+        }
     }
 
     /// Number of logged-in sessions.
@@ -184,8 +190,8 @@ impl ServerHandle {
 pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
-    wake_rx: UnixStream,
-    wake_tx: Arc<UnixStream>,
+    wake_rx: Option<UnixStream>,
+    wake_tx: Arc<Option<UnixStream>>,
 }
 
 impl Server {
@@ -220,13 +226,18 @@ impl Server {
         listeners: Vec<TcpListener>,
         opts: ServerOptions,
     ) -> Server {
-        // A socketpair cannot fail short of fd exhaustion; then shutdown
-        // falls back to the poll timeout below.
+        // Without the socket pair (fd exhaustion) shutdown still works,
+        // through the accept loop's poll timeout.
         let (wake_rx, wake_tx) = match UnixStream::pair() {
-            Ok(p) => p,
-            Err(e) => panic!("cannot create the server wake-up socket pair: {e}"),
+            Ok((rx, tx)) => {
+                let _ = rx.set_nonblocking(true);
+                (Some(rx), Some(tx))
+            }
+            Err(e) => {
+                tracing::warn!("no wake-up socket pair: {e}");
+                (None, None)
+            }
         };
-        let _ = wake_rx.set_nonblocking(true);
         Server {
             shared: Arc::new(Shared {
                 opts,
@@ -277,8 +288,10 @@ impl Server {
                     .iter()
                     .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
                     .collect();
-                fds.push(PollFd::new(self.wake_rx.as_fd(), PollFlags::POLLIN));
-                match poll(&mut fds, PollTimeout::from(1000u16)) {
+                if let Some(w) = &self.wake_rx {
+                    fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, PollTimeout::from(500u16)) {
                     Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return Err(io::Error::from(e)),
@@ -287,9 +300,11 @@ impl Server {
                     .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
                     .collect()
             };
-            if ready.last().copied().unwrap_or(false) {
-                let mut b = [0u8; 16];
-                let _ = (&self.wake_rx).read(&mut b);
+            if let Some(w) = &self.wake_rx {
+                if ready.get(self.listeners.len()).copied().unwrap_or(false) {
+                    let mut b = [0u8; 16];
+                    let _ = (&*w).read(&mut b);
+                }
             }
             for (l, _) in self.listeners.iter().zip(&ready).filter(|(_, r)| **r) {
                 loop {

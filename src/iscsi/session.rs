@@ -424,62 +424,6 @@ impl Residual {
     }
 }
 
-/// Bytes of data-out a CDB asks for (the SCSI Prescribed Data Transfer
-/// Length), for the commands that carry data-out; `None` when the iSCSI
-/// layer does not know the opcode (no residual is computed then and the
-/// core receives everything the initiator sent).
-///
-/// The transport needs this to report write residuals and to hand the core
-/// exactly what the CDB describes.
-pub fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
-    let b = |i: usize| cdb.get(i).copied().map(u64::from);
-    let be = |from: usize, n: usize| -> Option<u64> {
-        let s = cdb.get(from..from + n)?;
-        Some(s.iter().fold(0u64, |a, &x| (a << 8) | u64::from(x)))
-    };
-    let bs = u64::from(block_size);
-    match *cdb.first()? {
-        // WRITE(6): a transfer length of 0 means 256 blocks.
-        0x0a => Some(
-            match b(4)? {
-                0 => 256,
-                n => n,
-            } * bs,
-        ),
-        // WRITE(10), WRITE AND VERIFY(10)
-        0x2a | 0x2e => Some(be(7, 2)? * bs),
-        // WRITE(12), WRITE AND VERIFY(12)
-        0xaa | 0xae => Some(be(6, 4)? * bs),
-        // WRITE(16), WRITE AND VERIFY(16)
-        0x8a | 0x8e => Some(be(10, 4)? * bs),
-        // COMPARE AND WRITE: verify data then write data
-        0x89 => Some(b(13)? * 2 * bs),
-        // WRITE SAME(10/16): one block unless NDOB
-        0x41 => Some(if b(1)? & 1 != 0 { 0 } else { bs }),
-        0x93 => Some(if b(1)? & 1 != 0 { 0 } else { bs }),
-        // VERIFY(10/16) with BYTCHK: 01b the blocks, 11b one block
-        0x2f => Some(match (b(1)? >> 1) & 3 {
-            1 => be(7, 2)? * bs,
-            3 => bs,
-            _ => 0,
-        }),
-        0x8f => Some(match (b(1)? >> 1) & 3 {
-            1 => be(10, 4)? * bs,
-            3 => bs,
-            _ => 0,
-        }),
-        // parameter-list commands
-        0x15 => b(4),     // MODE SELECT(6)
-        0x55 => be(7, 2), // MODE SELECT(10)
-        0x42 => be(7, 2), // UNMAP
-        0x5f => be(5, 4), // PERSISTENT RESERVE OUT
-        0x3b => be(6, 3), // WRITE BUFFER
-        0x1d => be(3, 2), // SEND DIAGNOSTIC
-        0xa4 => be(6, 4), // MAINTENANCE OUT
-        _ => None,
-    }
-}
-
 /// Shrink the transfer length of a block WRITE / WRITE AND VERIFY CDB to
 /// `blocks`, for a write whose Expected Data Transfer Length is shorter
 /// than its CDB (FCP-4 style: process the command, move no data beyond the
@@ -631,6 +575,8 @@ pub struct Task {
     pub phase: TaskPhase,
     /// Aborted by a TMF or a closing connection: it gets no response.
     pub aborted: bool,
+    /// Task attribute (ORDERED tasks run alone, HEAD OF QUEUE first).
+    pub attr: TaskAttribute,
     /// The command and its buffer, until it runs. `None` in `Receiving`
     /// while the connection reads a payload into the buffer.
     pub job: Option<Box<ScsiJob>>,
@@ -692,6 +638,12 @@ pub struct SessionState {
     pub closing: bool,
     /// Its connections by CID.
     pub conns: HashMap<u16, Arc<Conn>>,
+    /// Tasks handed to workers.
+    running: usize,
+    /// An ORDERED task is among them.
+    ordered_running: bool,
+    /// Runnable tasks held back by task-attribute ordering, in order.
+    blocked: std::collections::VecDeque<u32>,
 }
 
 impl SessionState {
@@ -703,6 +655,9 @@ impl SessionState {
             next_ttt: 1,
             closing: false,
             conns: HashMap::new(),
+            running: 0,
+            ordered_running: false,
+            blocked: std::collections::VecDeque::new(),
         }
     }
 
@@ -791,11 +746,18 @@ impl SessionState {
         }
     }
 
-    /// Remove a task, opening a CmdSN slot if it held one.
+    /// Remove a task, opening a CmdSN slot if it held one (and its place
+    /// among the running ones; call [`SessionState::release_blocked`] then).
     pub fn remove_task(&mut self, itt: u32) -> Option<Task> {
         let t = self.tasks.remove(&itt)?;
         if !t.immediate {
             self.window.complete();
+        }
+        if matches!(t.phase, TaskPhase::Running) {
+            self.running = self.running.saturating_sub(1);
+            if t.attr == TaskAttribute::Ordered {
+                self.ordered_running = false;
+            }
         }
         Some(t)
     }
@@ -807,16 +769,71 @@ impl SessionState {
         self.take_if_ready(itt)
     }
 
-    /// Move a task to `Running` and hand out its job if it is delivered
-    /// and has all its data.
-    pub fn take_if_ready(&mut self, itt: u32) -> Option<Box<ScsiJob>> {
+    /// Whether task attributes let a task with `attr` start now (SAM-5
+    /// task set management, session-wide): an ORDERED task waits for all
+    /// running tasks; everything but HEAD OF QUEUE waits behind a running
+    /// ORDERED task and behind tasks already held back.
+    fn admissible(&self, attr: TaskAttribute, queued_first: bool) -> bool {
+        match attr {
+            TaskAttribute::HeadOfQueue => true,
+            _ if self.ordered_running => false,
+            _ if !queued_first && !self.blocked.is_empty() => false,
+            TaskAttribute::Ordered => self.running == 0,
+            _ => true,
+        }
+    }
+
+    fn start(&mut self, itt: u32) -> Option<Box<ScsiJob>> {
         let t = self.tasks.get_mut(&itt)?;
+        let job = t.job.take()?;
+        t.phase = TaskPhase::Running;
+        let ordered = t.attr == TaskAttribute::Ordered;
+        self.running += 1;
+        if ordered {
+            self.ordered_running = true;
+        }
+        Some(job)
+    }
+
+    /// Move a task to `Running` and hand out its job if it is delivered,
+    /// has all its data, and task ordering allows; otherwise it waits for
+    /// [`SessionState::release_blocked`].
+    pub fn take_if_ready(&mut self, itt: u32) -> Option<Box<ScsiJob>> {
+        let t = self.tasks.get(&itt)?;
         if !t.ready_to_run() {
             return None;
         }
-        let job = t.job.take()?;
-        t.phase = TaskPhase::Running;
-        Some(job)
+        if !self.admissible(t.attr, false) {
+            if !self.blocked.contains(&itt) {
+                self.blocked.push_back(itt);
+            }
+            return None;
+        }
+        self.start(itt)
+    }
+
+    /// Held-back tasks that may start now, with their connection ids.
+    pub fn release_blocked(&mut self) -> Vec<(u64, Box<ScsiJob>)> {
+        let mut out = Vec::new();
+        while let Some(&itt) = self.blocked.front() {
+            let runnable = self
+                .tasks
+                .get(&itt)
+                .map(|t| (t.ready_to_run(), t.attr, t.conn));
+            let Some((true, attr, conn)) = runnable else {
+                // Aborted or gone while waiting.
+                self.blocked.pop_front();
+                continue;
+            };
+            if !self.admissible(attr, true) {
+                break;
+            }
+            self.blocked.pop_front();
+            if let Some(job) = self.start(itt) {
+                out.push((conn, job));
+            }
+        }
+        out
     }
 
     /// The R2Ts task `itt` may send now (allocating their TTTs).
@@ -1256,29 +1273,8 @@ mod tests {
     }
 
     #[test]
-    fn write_lengths_from_cdbs() {
-        let mut w10 = [0u8; 10];
-        w10[0] = 0x2a;
-        w10[8] = 2;
-        assert_eq!(data_out_len(&w10, 512), Some(1024));
-        let mut w6 = [0u8; 6];
-        w6[0] = 0x0a;
-        assert_eq!(data_out_len(&w6, 512), Some(256 * 512));
-        let mut caw = [0u8; 16];
-        caw[0] = 0x89;
-        caw[13] = 1;
-        assert_eq!(data_out_len(&caw, 4096), Some(8192));
-        let mut unmap = [0u8; 10];
-        unmap[0] = 0x42;
-        unmap[8] = 24;
-        assert_eq!(data_out_len(&unmap, 512), Some(24));
-        assert_eq!(data_out_len(&[0x28, 0, 0], 512), None);
-        assert_eq!(data_out_len(&[0x2a, 0], 512), None);
-        assert_eq!(data_out_len(&[], 512), None);
-    }
-
-    #[test]
     fn write_cdbs_truncate_to_whole_blocks() {
+        use crate::scsi::cdb::data_out_len;
         let mut w10 = [0x2a, 0, 0, 0, 0, 9, 0, 0, 2, 0];
         assert!(truncate_write_cdb(&mut w10, 1));
         assert_eq!(data_out_len(&w10, 512), Some(512));
@@ -1305,6 +1301,69 @@ mod tests {
             "iqn.a,i,0x23d000000001"
         );
         assert_eq!(target_port_name("iqn.t", 1), "iqn.t,t,0x0001");
+    }
+
+    fn ready_task(st: &mut SessionState, itt: u32, attr: TaskAttribute) {
+        st.tasks.insert(
+            itt,
+            Task {
+                conn: 1,
+                lun: Lun::default(),
+                cmd_sn: itt,
+                immediate: true,
+                delivered: true,
+                phase: TaskPhase::Ready,
+                aborted: false,
+                attr,
+                job: Some(Box::new(ScsiJob {
+                    itt,
+                    lun: Lun::default(),
+                    cdb: vec![0; 6],
+                    expected_len: 0,
+                    read: false,
+                    write: false,
+                    attr,
+                    data: Vec::new(),
+                    charge: None,
+                    immediate: true,
+                    r2t_count: 0,
+                    local: None,
+                })),
+            },
+        );
+    }
+
+    #[test]
+    fn ordered_tasks_run_alone_and_in_order() {
+        use TaskAttribute::*;
+        let mut st = SessionState::new(CmdWindow::new(0, 16));
+        ready_task(&mut st, 1, Simple);
+        assert!(st.take_if_ready(1).is_some());
+        // ORDERED waits for the running SIMPLE; later SIMPLEs wait behind it
+        ready_task(&mut st, 2, Ordered);
+        assert!(st.take_if_ready(2).is_none());
+        ready_task(&mut st, 3, Simple);
+        assert!(st.take_if_ready(3).is_none());
+        // HEAD OF QUEUE jumps the line
+        ready_task(&mut st, 4, HeadOfQueue);
+        assert!(st.take_if_ready(4).is_some());
+        st.remove_task(4);
+        assert!(st.release_blocked().is_empty(), "task 1 still runs");
+        st.remove_task(1);
+        let r: Vec<u32> = st.release_blocked().iter().map(|(_, j)| j.itt).collect();
+        assert_eq!(r, vec![2]);
+        st.remove_task(2);
+        let r: Vec<u32> = st.release_blocked().iter().map(|(_, j)| j.itt).collect();
+        assert_eq!(r, vec![3]);
+        // an aborted waiter is skipped
+        ready_task(&mut st, 5, Ordered);
+        assert!(st.take_if_ready(5).is_none());
+        ready_task(&mut st, 6, Simple);
+        assert!(st.take_if_ready(6).is_none());
+        st.remove_task(5);
+        st.remove_task(3);
+        let r: Vec<u32> = st.release_blocked().iter().map(|(_, j)| j.itt).collect();
+        assert_eq!(r, vec![6]);
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! mask are zero); semantic checks (page codes, ranges) belong to the
 //! handlers.
 
+use std::sync::OnceLock;
+
 use super::sense::ScsiError;
 
 /// Checked big-endian reader over CDB or parameter bytes. Reads past the end
@@ -237,6 +239,18 @@ pub enum Command {
     },
     Reserve,
     Release,
+    Sanitize {
+        sa: u8,
+        param_len: u16,
+    },
+    ExtendedCopy {
+        param_len: u32,
+    },
+    ReceiveCopyResults {
+        sa: u8,
+        list_id: u8,
+        alloc_len: u32,
+    },
 }
 
 /// Where a command's service action sits: byte 1, bits 4..0.
@@ -303,6 +317,7 @@ const LONG: Attrs = Attrs {
     timeout: 3600,
     ..attrs(PrClass::Write, true)
 };
+const LONG_THIN: Attrs = Attrs { thin: true, ..LONG };
 
 /// One supported operation code (+ service action).
 pub struct OpDesc {
@@ -353,6 +368,21 @@ fn pr_out(r: &Reader<'_>) -> Result<Command, ScsiError> {
         scope: r.u8(2)? >> 4,
         pr_type: r.u8(2)? & 0x0F,
         param_len: r.u32(5)?,
+    })
+}
+
+fn sanitize(r: &Reader<'_>) -> Result<Command, ScsiError> {
+    Ok(Command::Sanitize {
+        sa: r.u8(1)? & SA_MASK,
+        param_len: r.u16(7)?,
+    })
+}
+
+fn receive_copy_results(r: &Reader<'_>) -> Result<Command, ScsiError> {
+    Ok(Command::ReceiveCopyResults {
+        sa: r.u8(1)? & SA_MASK,
+        list_id: r.u8(2)?,
+        alloc_len: r.u32(10)?,
     })
 }
 
@@ -618,6 +648,22 @@ pub static OPCODES: &[OpDesc] = &[
         }
     ),
     op!(
+        0x48,
+        Some(0x01),
+        "SANITIZE / OVERWRITE",
+        LONG,
+        [0xA1, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
+        sanitize
+    ),
+    op!(
+        0x48,
+        Some(0x02),
+        "SANITIZE / BLOCK ERASE",
+        LONG_THIN,
+        [0xA2, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
+        sanitize
+    ),
+    op!(
         0x55,
         None,
         "MODE SELECT(10)",
@@ -753,6 +799,34 @@ pub static OPCODES: &[OpDesc] = &[
         ALLOWED,
         [0x06, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0],
         pr_out
+    ),
+    op!(
+        0x83,
+        Some(0x00),
+        "EXTENDED COPY(LID1)",
+        LONG,
+        [0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+        |r| {
+            Ok(Command::ExtendedCopy {
+                param_len: r.u32(10)?,
+            })
+        }
+    ),
+    op!(
+        0x84,
+        Some(0x00),
+        "RECEIVE COPY RESULTS / COPY STATUS",
+        CFG,
+        [0x00, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+        receive_copy_results
+    ),
+    op!(
+        0x84,
+        Some(0x03),
+        "RECEIVE COPY RESULTS / OPERATING PARAMETERS",
+        CFG,
+        [0x03, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
+        receive_copy_results
     ),
     op!(
         0x88,
@@ -1039,35 +1113,89 @@ fn six_len(v: u8) -> u32 {
     }
 }
 
+/// Where each opcode's entries start in `OPCODES` (the table is sorted by
+/// opcode), built once so dispatch is an array index, not a scan.
+fn index() -> &'static [u16; 256] {
+    static INDEX: OnceLock<[u16; 256]> = OnceLock::new();
+    INDEX.get_or_init(|| {
+        let mut idx = [u16::MAX; 256];
+        for (i, d) in OPCODES.iter().enumerate().rev() {
+            idx[usize::from(d.opcode)] = i as u16;
+        }
+        idx
+    })
+}
+
+/// The table entries of one opcode.
+fn entries(opcode: u8) -> impl Iterator<Item = &'static OpDesc> {
+    let start = index()[usize::from(opcode)];
+    OPCODES
+        .get(usize::from(start)..)
+        .unwrap_or(&[])
+        .iter()
+        .take_while(move |d| d.opcode == opcode)
+}
+
 /// Does any supported command use this opcode with service actions?
 pub fn opcode_has_sa(opcode: u8) -> bool {
-    OPCODES.iter().any(|d| d.opcode == opcode && d.sa.is_some())
+    entries(opcode).any(|d| d.sa.is_some())
 }
 
 /// Find the table entry for `opcode` (+ service action if it has them).
 pub fn lookup(opcode: u8, sa: u16) -> Option<&'static OpDesc> {
-    OPCODES
-        .iter()
-        .find(|d| d.opcode == opcode && d.sa.map_or(true, |s| s == sa))
+    entries(opcode).find(|d| d.sa.map_or(true, |s| s == sa))
 }
 
 /// Identify the command a CDB carries, without validating it.
 pub fn identify(cdb: &[u8]) -> Result<&'static OpDesc, ScsiError> {
     let r = Reader::new(cdb);
     let opcode = r.u8(0).map_err(|_| ScsiError::InvalidOpcode)?;
-    let sa = if opcode_has_sa(opcode) {
-        // A CDB too short to hold its service action: shape error.
-        u16::from(r.u8(1)? & SA_MASK)
-    } else {
-        0
-    };
-    match lookup(opcode, sa) {
-        Some(d) => Ok(d),
-        // Unknown service action of a known opcode: the SERVICE ACTION field
-        // is the invalid field.
-        None if opcode_has_sa(opcode) => Err(ScsiError::cdb(1, 4)),
-        None => Err(ScsiError::InvalidOpcode),
+    let mut it = entries(opcode).peekable();
+    let first = *it.peek().ok_or(ScsiError::InvalidOpcode)?;
+    if first.sa.is_none() {
+        return Ok(first);
     }
+    // A CDB too short to hold its service action: shape error.
+    let sa = u16::from(r.u8(1)? & SA_MASK);
+    // Unknown service action of a known opcode: the SERVICE ACTION field is
+    // the invalid field.
+    it.find(|d| d.sa == Some(sa)).ok_or(ScsiError::cdb(1, 4))
+}
+
+/// Bytes of data-out the CDB describes (its SPDTL), for frontends that must
+/// compare it with the transport's expected length and report residuals.
+/// `None` for unsupported opcodes or CDBs too short to say. Commands
+/// without data-out give `Some(0)`. The same table and parse functions as
+/// dispatch decide it, so transport and core cannot disagree.
+pub fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {
+    let desc = identify(cdb).ok()?;
+    let cmd = (desc.parse)(&Reader::new(cdb)).ok()?;
+    let bs = u64::from(block_size);
+    Some(match cmd {
+        Command::Write { blocks, .. }
+        | Command::WriteAndVerify { blocks, .. }
+        | Command::OrWrite { blocks, .. } => u64::from(blocks) * bs,
+        Command::Verify { blocks, bytchk, .. } => match bytchk {
+            1 => u64::from(blocks) * bs,
+            3 => bs,
+            _ => 0,
+        },
+        Command::WriteSame { ndob, .. } => {
+            if ndob {
+                0
+            } else {
+                bs
+            }
+        }
+        Command::CompareAndWrite { blocks, .. } => 2 * u64::from(blocks) * bs,
+        Command::ModeSelect { param_len, .. }
+        | Command::Unmap { param_len, .. }
+        | Command::Sanitize { param_len, .. } => u64::from(param_len),
+        Command::PersistentReserveOut { param_len, .. } | Command::ExtendedCopy { param_len } => {
+            u64::from(param_len)
+        }
+        _ => 0,
+    })
 }
 
 /// Check a CDB against its usage mask: length, reserved bits, CONTROL byte.
@@ -1143,6 +1271,92 @@ mod tests {
             cdb[last] = 0;
             assert!(parse(&cdb).is_ok(), "{}", d.name);
         }
+    }
+
+    #[test]
+    fn every_reserved_bit_of_every_command_is_pointed_at() {
+        for d in OPCODES {
+            let n = d.usage.len();
+            let mut base = d.usage.to_vec();
+            base[n - 1] = 0;
+            for i in 1..n - 1 {
+                let reserved = if i == 1 && d.sa.is_some() {
+                    !SA_MASK & !d.usage[1]
+                } else {
+                    !d.usage[i]
+                };
+                for bit in 0..8u8 {
+                    if reserved & (1 << bit) == 0 {
+                        continue;
+                    }
+                    let mut cdb = base.clone();
+                    cdb[i] |= 1 << bit;
+                    match parse(&cdb) {
+                        Err(ScsiError::InvalidFieldInCdb {
+                            byte,
+                            bit: Some(top),
+                        }) => {
+                            assert_eq!(byte as usize, i, "{} byte {i} bit {bit}", d.name);
+                            assert!(top >= bit && reserved & (1 << top) != 0, "{}", d.name);
+                        }
+                        other => panic!("{} byte {i} bit {bit}: {other:?}", d.name),
+                    }
+                }
+            }
+            for bit in [0u8, 2] {
+                let mut cdb = base.clone();
+                cdb[n - 1] = 1 << bit;
+                assert!(
+                    matches!(
+                        parse(&cdb),
+                        Err(ScsiError::InvalidFieldInCdb { byte, bit: Some(b) })
+                            if byte as usize == n - 1 && b == bit
+                    ),
+                    "{} control bit {bit}",
+                    d.name
+                );
+            }
+            // One byte short of the CDB length: shape error at byte 0.
+            assert!(matches!(
+                parse(&base[..n - 1]),
+                Err(ScsiError::InvalidFieldInCdb { byte: 0, bit: None })
+            ));
+        }
+    }
+
+    #[test]
+    fn data_out_lengths() {
+        assert_eq!(data_out_len(&[0x0A, 0, 0, 0, 0, 0], 512), Some(256 * 512));
+        assert_eq!(
+            data_out_len(&[0x2A, 0, 0, 0, 0, 0, 0, 0, 3, 0], 4096),
+            Some(3 * 4096)
+        );
+        let mut c16 = [0u8; 16];
+        c16[0] = 0x89;
+        c16[13] = 2;
+        assert_eq!(data_out_len(&c16, 512), Some(2048));
+        c16[0] = 0x93;
+        c16[1] = 0x01; // NDOB
+        assert_eq!(data_out_len(&c16, 512), Some(0));
+        assert_eq!(
+            data_out_len(&[0x2F, 0x06, 0, 0, 0, 0, 0, 0, 9, 0], 512),
+            Some(512)
+        );
+        assert_eq!(
+            data_out_len(&[0x2F, 0x02, 0, 0, 0, 0, 0, 0, 9, 0], 512),
+            Some(9 * 512)
+        );
+        assert_eq!(data_out_len(&[0x15, 0x10, 0, 0, 24, 0], 512), Some(24));
+        assert_eq!(
+            data_out_len(&[0x5F, 0, 0, 0, 0, 0, 0, 0, 24, 0], 512),
+            Some(24)
+        );
+        assert_eq!(
+            data_out_len(&[0x28, 0, 0, 0, 0, 0, 0, 0, 9, 0], 512),
+            Some(0)
+        );
+        assert_eq!(data_out_len(&[0xFF; 16], 512), None);
+        assert_eq!(data_out_len(&[0x2A, 0], 512), None);
     }
 
     #[test]

@@ -5,12 +5,13 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::cdb::{self, Command, Reader};
+use super::cdb::{self, Attrs, Command, Reader};
 use super::lun_map::LunMap;
 use super::pr::{Outcome, PrOutCdb, PrState, PrStore};
 use super::range_lock::RangeLock;
 use super::sense::{Asc, ScsiError};
 use super::ua::UaTable;
+use super::xcopy::{self, CopyResults};
 use super::{sbc, spc, Nexus, ScsiRequest, ScsiResponse};
 use crate::block::SharedDev;
 
@@ -73,6 +74,8 @@ pub struct LogicalUnit {
     pr_store: Option<Arc<dyn PrStore>>,
     /// START STOP UNIT with START = 0: medium access is NOT READY.
     stopped: AtomicBool,
+    /// EXTENDED COPY results held for RECEIVE COPY RESULTS.
+    copies: Mutex<CopyResults>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -112,6 +115,7 @@ impl LogicalUnit {
             reserved: AtomicBool::new(false),
             pr_store: None,
             stopped: AtomicBool::new(false),
+            copies: Mutex::new(CopyResults::default()),
         }
     }
 
@@ -150,6 +154,18 @@ impl LogicalUnit {
         Ok(r)
     }
 
+    pub(crate) fn copies(&self) -> MutexGuard<'_, CopyResults> {
+        self.copies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The reservation check for a command of class `attrs` from `n`.
+    pub(crate) fn check_reservation(&self, n: &Nexus, attrs: &Attrs) -> Result<(), ScsiError> {
+        if self.reserved.load(Ordering::Relaxed) {
+            self.pr_lock().check(n, attrs)?;
+        }
+        Ok(())
+    }
+
     /// Thin provisioned: the backstore can deallocate.
     pub(crate) fn thin(&self) -> bool {
         self.dev.caps().discard
@@ -164,7 +180,10 @@ impl LogicalUnit {
     /// CAPACITY DATA HAS CHANGED for every nexus.
     pub fn blocks(&self) -> u64 {
         let now = self.dev.size() >> self.shift;
-        if self.last_blocks.swap(now, Ordering::Relaxed) != now {
+        // A plain load on the common path: no shared cache-line write per
+        // command. Only the thread that wins the swap raises the UA.
+        let last = self.last_blocks.load(Ordering::Relaxed);
+        if last != now && self.last_blocks.swap(now, Ordering::Relaxed) != now {
             self.ua.establish_all(Asc::CAPACITY_DATA_HAS_CHANGED, None);
         }
         now
@@ -202,7 +221,7 @@ impl LogicalUnit {
             st.nexus_loss(nexus);
             Ok(((), Outcome::Unchanged))
         });
-        self.ua.establish_known(nexus, Asc::I_T_NEXUS_LOSS);
+        self.ua.nexus_lost(nexus);
     }
 
     /// START STOP UNIT. Power conditions other than START/STOP are
@@ -261,9 +280,7 @@ impl LogicalUnit {
         }
         cdb::check_shape(req.cdb, desc)?;
         let cmd = (desc.parse)(&Reader::new(req.cdb))?;
-        if self.reserved.load(Ordering::Relaxed) {
-            self.pr_lock().check(req.nexus, &desc.attrs)?;
-        }
+        self.check_reservation(req.nexus, &desc.attrs)?;
         if desc.attrs.media && self.stopped.load(Ordering::Relaxed) {
             return Err(ScsiError::NotReady);
         }
@@ -461,6 +478,23 @@ impl LogicalUnit {
                 })?;
                 good(Vec::new())
             }
+            Command::Sanitize { sa, param_len } => {
+                sbc::sanitize(self, sa, param_len, req.data_out)?;
+                good(Vec::new())
+            }
+            Command::ExtendedCopy { param_len } => {
+                xcopy::extended_copy(self, map, req.nexus, param_len, req.data_out, |lu, a| {
+                    lu.check_reservation(req.nexus, a)
+                })?;
+                good(Vec::new())
+            }
+            Command::ReceiveCopyResults {
+                sa,
+                list_id,
+                alloc_len,
+            } => good(xcopy::receive_copy_results(
+                self, req.nexus, sa, list_id, alloc_len,
+            )?),
             Command::Reserve => {
                 self.with_pr(|st| st.reserve(req.nexus).map(|()| ((), Outcome::Unchanged)))?;
                 good(Vec::new())

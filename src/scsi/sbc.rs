@@ -237,9 +237,13 @@ pub fn sync_cache(lu: &LogicalUnit, lba: u64, blocks: u32) -> Result<(), ScsiErr
     lu.dev.flush().map_err(ScsiError::write)
 }
 
-/// Largest WRITE SAME / single UNMAP extent, in bytes (VPD B0 MAXIMUM WRITE
-/// SAME LENGTH and MAXIMUM UNMAP LBA COUNT derive from it).
-pub const MAX_WS_BYTES: u64 = 1 << 30;
+/// VPD B0 MAXIMUM WRITE SAME LENGTH, in blocks. Below 65536 so that a
+/// WRITE SAME(16) of 65536 blocks is refused up front rather than asking
+/// for 32 MiB+ transfers elsewhere (libiscsi's WriteSame16.Unmap checks
+/// exactly that boundary).
+pub const MAX_WS_BLOCKS: u64 = 0xFFFF;
+/// VPD B0 MAXIMUM UNMAP LBA COUNT (per UNMAP command and per descriptor).
+pub const MAX_UNMAP_BLOCKS: u64 = 1 << 20;
 /// VPD B0 MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// VPD B0 MAXIMUM COMPARE AND WRITE LENGTH, in blocks.
@@ -281,8 +285,8 @@ fn write_pattern(
 }
 
 /// WRITE SAME(10)/(16). NUMBER OF LOGICAL BLOCKS 0 means "to the end of
-/// the medium" (WSNZ = 0). With UNMAP on a thin LU and a zero pattern the
-/// range is deallocated (unmapped blocks read as zeroes, LBPRZ = 1).
+/// the medium" (WSNZ = 0). With UNMAP on a thin LU the range is deallocated
+/// (unmapped blocks read as zeroes, LBPRZ = 1).
 pub fn write_same(lu: &LogicalUnit, a: WriteSameArgs, data_out: &[u8]) -> Result<(), ScsiError> {
     let WriteSameArgs {
         form,
@@ -310,10 +314,10 @@ pub fn write_same(lu: &LogicalUnit, a: WriteSameArgs, data_out: &[u8]) -> Result
     } else {
         u64::from(blocks)
     };
-    let (off, len) = byte_range(lu, lba, n)?;
-    if len > MAX_WS_BYTES {
+    if n > MAX_WS_BLOCKS {
         return Err(ScsiError::cdb_byte(form.xfer_len_byte()));
     }
+    let (off, len) = byte_range(lu, lba, n)?;
     let bs = u64::from(lu.block_size());
     let block: &[u8] = if ndob {
         &[]
@@ -328,14 +332,15 @@ pub fn write_same(lu: &LogicalUnit, a: WriteSameArgs, data_out: &[u8]) -> Result
     }
     let flags = write_flags(lu, false);
     let _g = lu.locks.shared(off, len);
-    if block.iter().all(|&b| b == 0) {
-        if unmap {
-            lu.dev.discard(off, len).map_err(ScsiError::write)
-        } else {
-            lu.dev
-                .write_zeroes(off, len, flags)
-                .map_err(ScsiError::write)
-        }
+    if unmap {
+        // Unmapped blocks read back as zeroes (LBPRZ); like Linux LIO and
+        // as libiscsi's conformance tests expect, UNMAP deallocates
+        // whatever pattern came with it.
+        lu.dev.discard(off, len).map_err(ScsiError::write)
+    } else if block.iter().all(|&b| b == 0) {
+        lu.dev
+            .write_zeroes(off, len, flags)
+            .map_err(ScsiError::write)
     } else {
         write_pattern(lu, off, len, block, flags)
     }
@@ -369,13 +374,14 @@ pub fn unmap(
     if count > MAX_UNMAP_DESCRIPTORS as usize {
         return Err(ScsiError::param(2, None));
     }
-    let max_blocks = MAX_WS_BYTES >> lu.shift;
     let mut ranges = Vec::with_capacity(count);
+    let mut total = 0u64;
     for i in 0..count {
         let at = 8 + 16 * i;
         let lba = r.u64(at).map_err(short)?;
         let n = u64::from(r.u32(at + 8).map_err(short)?);
-        if n > max_blocks {
+        total += n;
+        if total > MAX_UNMAP_BLOCKS {
             return Err(ScsiError::param((at + 8) as u16, None));
         }
         ranges.push(byte_range(lu, lba, n)?);
@@ -431,12 +437,14 @@ pub fn compare_and_write(
     // NUMBER OF LOGICAL BLOCKS is one byte, so MAX_CAW_BLOCKS (255) bounds
     // it already.
     let (off, len) = byte_range(lu, lba, blocks.into())?;
+    let n = len as usize;
+    // The data-out buffer must be exactly what NUMBER OF LOGICAL BLOCKS
+    // implies (verify + write data); a mismatch makes that field invalid.
+    if data_out.len() != 2 * n {
+        return Err(ScsiError::cdb_byte(13));
+    }
     if len == 0 {
         return Ok(());
-    }
-    let n = len as usize;
-    if data_out.len() != 2 * n {
-        return Err(ScsiError::DataOutLength);
     }
     let (verify, write) = data_out.split_at(n);
     let _g = lu.locks.exclusive(off, len);
@@ -498,4 +506,65 @@ pub fn read_defect_data(
         vec![0, b1, 0, 0]
     };
     truncate(d, alloc_len as usize)
+}
+
+/// SANITIZE OVERWRITE (1) or BLOCK ERASE (2) of the whole medium, exclusive
+/// against every other command. OVERWRITE writes the final pass once: the
+/// medium ends up as after `count` passes (inverted if INVERT and the count
+/// is even).
+pub fn sanitize(
+    lu: &LogicalUnit,
+    sa: u8,
+    param_len: u16,
+    data_out: &[u8],
+) -> Result<(), ScsiError> {
+    lu.check_writable()?;
+    let bs = lu.block_size() as usize;
+    let size = lu.blocks() << lu.shift;
+    let block = match sa {
+        0x01 => {
+            let pl = usize::from(param_len);
+            if pl < 5 || pl > bs + 4 {
+                return Err(ScsiError::cdb_byte(7));
+            }
+            let params = data_out.get(..pl).ok_or(ScsiError::ParamListLength)?;
+            let r = Reader::new(params);
+            let short = |_| ScsiError::ParamListLength;
+            let b0 = r.u8(0).map_err(short)?;
+            let count = b0 & 0x1F;
+            if b0 & 0x60 != 0 {
+                return Err(ScsiError::param(0, Some(6)));
+            }
+            if count == 0 {
+                return Err(ScsiError::param(0, Some(4)));
+            }
+            if r.u8(1).map_err(short)? != 0 {
+                return Err(ScsiError::param(1, None));
+            }
+            let ipl = usize::from(r.u16(2).map_err(short)?);
+            if ipl == 0 || ipl > pl - 4 || ipl > bs {
+                return Err(ScsiError::param(2, None));
+            }
+            let pattern = r.bytes(4, ipl).map_err(short)?;
+            let invert = b0 & 0x80 != 0 && count % 2 == 0;
+            let block: Vec<u8> = pattern
+                .iter()
+                .cycle()
+                .take(bs)
+                .map(|&b| if invert { !b } else { b })
+                .collect();
+            Some(block)
+        }
+        _ => {
+            if param_len != 0 {
+                return Err(ScsiError::cdb_byte(7));
+            }
+            None
+        }
+    };
+    let _g = lu.locks.exclusive(0, size);
+    match block {
+        Some(b) => write_pattern(lu, 0, size, &b, WriteFlags { fua: true }),
+        None => lu.dev.discard(0, size).map_err(ScsiError::write),
+    }
 }

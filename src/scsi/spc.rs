@@ -26,7 +26,7 @@ const VERSION_DESCRIPTORS: [u16; 4] = [
 ];
 
 /// VPD pages we serve, ascending.
-pub const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+pub const VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2];
 
 pub(crate) fn truncate(mut v: Vec<u8>, alloc_len: usize) -> Vec<u8> {
     v.truncate(alloc_len);
@@ -61,7 +61,7 @@ pub(crate) fn standard_inquiry(
     d[2] = 0x06; // SPC-4
     d[3] = 0x12; // HISUP, response data format 2
     d[4] = (d.len() - 5) as u8;
-    d[5] = 0x10; // TPGS = 01b: implicit ALUA
+    d[5] = 0x10 | 0x08; // TPGS = 01b (implicit ALUA), 3PC (EXTENDED COPY)
     d[7] = 0x02; // CMDQUE
     ascii_field(&mut d[8..16], vendor);
     ascii_field(&mut d[16..32], product);
@@ -140,17 +140,21 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
     p[8..12].copy_from_slice(&((OPT_XFER_BYTES / bs) as u32).to_be_bytes());
     p[12..16].copy_from_slice(&((MAX_XFER_BYTES / bs) as u32).to_be_bytes()); // max pre-fetch
     if lu.thin() {
-        p[16..20].copy_from_slice(&((sbc::MAX_WS_BYTES / bs) as u32).to_be_bytes());
+        p[16..20].copy_from_slice(&(sbc::MAX_UNMAP_BLOCKS as u32).to_be_bytes());
         p[20..24].copy_from_slice(&sbc::MAX_UNMAP_DESCRIPTORS.to_be_bytes());
         p[24..28].copy_from_slice(&gran.to_be_bytes()); // optimal unmap granularity
     }
-    p[32..40].copy_from_slice(&(sbc::MAX_WS_BYTES / bs).to_be_bytes());
+    p[32..40].copy_from_slice(&sbc::MAX_WS_BLOCKS.to_be_bytes());
     vpd(0xB0, &p)
 }
 
-fn block_device_characteristics() -> Vec<u8> {
+fn block_device_characteristics(lu: &LogicalUnit) -> Vec<u8> {
     let mut p = [0u8; 0x3C];
     p[0..2].copy_from_slice(&1u16.to_be_bytes()); // non-rotating medium
+    if lu.thin() {
+        // WABEREQ 01b: reads after SANITIZE BLOCK ERASE succeed.
+        p[3] = 0x40;
+    }
     vpd(0xB1, &p)
 }
 
@@ -187,8 +191,9 @@ pub fn inquiry(
             0x00 => vpd(0x00, &VPD_PAGES),
             0x80 => vpd(0x80, &ascii_bytes(&lu.config.serial, 252)),
             0x83 => device_identification(lu, nexus),
+            0x8F => vpd(0x8F, &super::xcopy::third_party_copy_vpd()),
             0xB0 => block_limits(lu),
-            0xB1 => block_device_characteristics(),
+            0xB1 => block_device_characteristics(lu),
             0xB2 => logical_block_provisioning(lu),
             _ => return Err(ScsiError::cdb_byte(2)),
         }

@@ -224,11 +224,13 @@ fn resets_raise_ua_for_every_nexus() {
         k3(sense_of(&h.run_as(&b, 0, &[0; 6], &[]))),
         [0x06, 0x2F, 0x00]
     );
+    // A lost nexus drops what was pending and misses resets while away.
+    h.map
+        .task_management(TaskMgmt::LogicalUnitReset { lun: 0 }, &h.n);
     h.map.nexus_loss(&b);
-    assert_eq!(
-        k3(sense_of(&h.run_as(&b, 0, &[0; 6], &[]))),
-        [0x06, 0x29, 0x07]
-    );
+    h.map.task_management(TaskMgmt::TargetWarmReset, &h.n);
+    assert_eq!(h.run_as(&b, 0, &[0; 6], &[]).status, ScsiStatus::Good);
+    assert_eq!(k3(h.fail(&[0; 6], &[])), [0x06, 0x29, 0x03]);
 }
 
 #[test]
@@ -257,6 +259,7 @@ fn standard_inquiry_layout() {
     assert_eq!(d[3], 0x12);
     assert_eq!(d[4] as usize, d.len() - 5);
     assert_eq!(d[5] & 0x30, 0x10, "TPGS implicit");
+    assert_eq!(d[5] & 0x08, 0x08, "3PC");
     assert_eq!(d[7] & 0x02, 0x02, "CMDQUE");
     assert_eq!(&d[8..16], b"LUNMIRR ");
     assert_eq!(&d[16..32], b"mirror-disk     ");
@@ -297,8 +300,8 @@ fn inquiry_bad_fields() {
 fn vpd_supported_pages_and_serial() {
     let h = H::new();
     let d = h.ok(&inquiry(true, 0x00, 255), &[]);
-    assert_eq!(&d[..4], &[0, 0, 0, 6]);
-    assert_eq!(&d[4..], &[0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]);
+    assert_eq!(&d[..4], &[0, 0, 0, 7]);
+    assert_eq!(&d[4..], &[0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2]);
     let d = h.ok(&inquiry(true, 0x80, 255), &[]);
     assert_eq!(&d[..4], &[0, 0x80, 0, 7]);
     assert_eq!(&d[4..], b"SER0001");

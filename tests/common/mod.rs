@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod initiator;
+
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
@@ -20,6 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use lunmirror::block::mem::MemDev;
+use lunmirror::block::{BlockCaps, BlockDev, BlockResult, SharedDev, WriteFlags};
 use lunmirror::iscsi::negotiate::TargetLimits;
 use lunmirror::iscsi::{Server, ServerHandle, ServerOptions, TargetDef};
 use lunmirror::scsi::{LogicalUnit, LuConfig, LunMap};
@@ -563,6 +566,15 @@ pub fn start(sizes: &[u64]) -> TestTarget {
 }
 
 pub fn start_with(sizes: &[u64], limits: TargetLimits, opts: ServerOptions) -> TestTarget {
+    let devs: Vec<Arc<MemDev>> = sizes.iter().map(|&s| Arc::new(MemDev::new(s))).collect();
+    let shared: Vec<SharedDev> = devs.iter().map(|d| d.clone() as SharedDev).collect();
+    let mut t = start_devs(shared, limits, opts);
+    t.devs = devs;
+    t
+}
+
+/// A server whose LUNs are the given devices (512-byte blocks).
+pub fn start_devs(devs: Vec<SharedDev>, limits: TargetLimits, opts: ServerOptions) -> TestTarget {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -570,10 +582,7 @@ pub fn start_with(sizes: &[u64], limits: TargetLimits, opts: ServerOptions) -> T
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let mut map = LunMap::new();
-    let mut devs = Vec::new();
-    for (i, &size) in sizes.iter().enumerate() {
-        let dev = Arc::new(MemDev::new(size));
-        devs.push(dev.clone());
+    for (i, dev) in devs.into_iter().enumerate() {
         map.insert(
             i as u64,
             Arc::new(LogicalUnit::new(lu_config(i as u32, 512), dev)),
@@ -594,8 +603,34 @@ pub fn start_with(sizes: &[u64], limits: TargetLimits, opts: ServerOptions) -> T
     TestTarget {
         addr,
         handle,
-        devs,
+        devs: Vec::new(),
         thread: Some(thread),
+    }
+}
+
+/// A device that sleeps before every write (to keep commands in flight).
+#[derive(Debug)]
+pub struct SlowDev {
+    pub inner: MemDev,
+    pub write_delay: Duration,
+}
+
+impl BlockDev for SlowDev {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> BlockResult<()> {
+        std::thread::sleep(self.write_delay);
+        self.inner.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    fn caps(&self) -> BlockCaps {
+        BlockCaps::default()
     }
 }
 
