@@ -5,6 +5,8 @@
 //! Layers: `sys` (the uapi ABI), `ring` (the shared-memory command ring,
 //! the only `unsafe` here besides the mmap/netlink system calls).
 
+pub mod cfgstring;
+pub mod netlink;
 pub mod ring;
 pub mod sim;
 pub mod sys;
