@@ -88,9 +88,9 @@ impl DeviceDir {
 
     fn attrib_u64(&self, name: &str) -> io::Result<u64> {
         let v = read_trim(&self.path.join("attrib").join(name))?;
-        v.parse::<i64>()
-            .map(|n| n.max(0) as u64)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("attrib/{name}: {v:?}")))
+        v.parse::<i64>().map(|n| n.max(0) as u64).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("attrib/{name}: {v:?}"))
+        })
     }
 
     pub fn block_size(&self) -> io::Result<u32> {
@@ -118,7 +118,10 @@ impl DeviceDir {
     /// `action/block_dev`: while blocked the kernel queues new commands
     /// instead of putting them on the ring.
     pub fn block(&self, on: bool) -> io::Result<()> {
-        std::fs::write(self.path.join("action/block_dev"), if on { "1" } else { "0" })
+        std::fs::write(
+            self.path.join("action/block_dev"),
+            if on { "1" } else { "0" },
+        )
     }
 
     /// `action/reset_ring` (device must be blocked): the kernel fails the
@@ -182,19 +185,32 @@ mod tests {
         std::fs::write(d.path.join("attrib/hw_block_size"), "4096\n").unwrap();
         std::fs::write(d.path.join("attrib/emulate_write_cache"), "1\n").unwrap();
         std::fs::write(d.path.join("attrib/nl_reply_supported"), "0\n").unwrap();
-        std::fs::write(d.path.join("wwn/vpd_unit_serial"), "T10 VPD Unit Serial Number: abc\n").unwrap();
+        std::fs::write(
+            d.path.join("wwn/vpd_unit_serial"),
+            "T10 VPD Unit Serial Number: abc\n",
+        )
+        .unwrap();
         assert_eq!(d.size().unwrap(), 4096);
         assert_eq!(d.block_size().unwrap(), 4096);
         assert!(d.write_cache().unwrap());
         assert!(!d.nl_reply_supported());
         assert_eq!(d.unit_serial().as_deref(), Some("abc"));
         d.block(true).unwrap();
-        assert_eq!(std::fs::read_to_string(d.path.join("action/block_dev")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(d.path.join("action/block_dev")).unwrap(),
+            "1"
+        );
         d.reset_ring(ResetLevel::Retry).unwrap();
-        assert_eq!(std::fs::read_to_string(d.path.join("action/reset_ring")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(d.path.join("action/reset_ring")).unwrap(),
+            "1"
+        );
         block_netlink(&paths, true).unwrap();
         reset_netlink(&paths).unwrap();
-        assert_eq!(std::fs::read_to_string(paths.module_params.join("reset_netlink")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(paths.module_params.join("reset_netlink")).unwrap(),
+            "1"
+        );
         std::fs::write(d.path.join("attrib/nl_reply_supported"), "-1\n").unwrap();
         assert!(!d.nl_reply_supported());
     }

@@ -2,11 +2,18 @@
 //! `user:mirror` backstores to this daemon through the target_core_user
 //! command ring (`/dev/uioN`, generic netlink family "TCM-USER").
 //!
-//! Layers: `sys` (the uapi ABI), `ring` (the shared-memory command ring,
-//! the only `unsafe` here besides the mmap/netlink system calls).
+//! Layers, bottom up: `sys` (the uapi ABI), `ring` (the shared-memory
+//! command ring: all pointer work, bounds-checked), `netlink` (device
+//! events and replies), `uio` / `configfs` (finding, mapping and resetting
+//! devices), `cfgstring` (what `user:mirror` devices are configured with),
+//! `frontend` (one thread per device ring feeding the SCSI core, one
+//! manager thread for netlink). `sim` plays the kernel's part for tests.
 
 pub mod cfgstring;
+pub mod configfs;
 pub mod netlink;
 pub mod ring;
 pub mod sim;
 pub mod sys;
+pub mod uio;
+pub mod xfer;

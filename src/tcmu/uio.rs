@@ -174,7 +174,10 @@ impl UioFd {
     pub fn wait(&mut self, timeout: Duration) -> io::Result<bool> {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
-        let n = match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+        let n = match poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
             Ok(n) => n,
             Err(nix::Error::EINTR) => return Ok(false),
             Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),

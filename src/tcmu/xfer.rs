@@ -79,7 +79,10 @@ mod tests {
     #[test]
     fn common_commands() {
         assert_eq!(direction(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), Direction::In);
-        assert_eq!(direction(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0]), Direction::Out);
+        assert_eq!(
+            direction(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
+            Direction::Out
+        );
         assert_eq!(direction(&[0x12, 0, 0, 0, 36, 0]), Direction::In);
         assert_eq!(direction(&[0x42; 10]), Direction::Out);
         assert_eq!(direction(&[0x89; 16]), Direction::Out);
