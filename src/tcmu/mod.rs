@@ -11,6 +11,7 @@
 
 pub mod cfgstring;
 pub mod configfs;
+pub mod frontend;
 pub mod netlink;
 pub mod ring;
 pub mod sim;
