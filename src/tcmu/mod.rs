@@ -14,7 +14,14 @@ pub mod configfs;
 pub mod frontend;
 pub mod netlink;
 pub mod ring;
+pub mod sdnotify;
 pub mod sim;
 pub mod sys;
 pub mod uio;
+pub mod volume;
 pub mod xfer;
+
+pub use frontend::{
+    DeviceInfo, DeviceStatus, Frontend, FrontendHandle, HandlerConfig, ScsiTarget, VolumeFactory,
+};
+pub use volume::FileVolumeFactory;
