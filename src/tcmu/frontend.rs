@@ -135,7 +135,12 @@ impl Default for HandlerConfig {
             ring_poll: Duration::from_millis(250),
             vendor: "LUNMIRR".into(),
             product: "TCMU mirror".into(),
-            revision: env!("CARGO_PKG_VERSION").chars().take(4).collect(),
+            revision: env!("CARGO_PKG_VERSION")
+                .chars()
+                .take(4)
+                .collect::<String>()
+                .trim_end_matches('.')
+                .to_string(),
         }
     }
 }
