@@ -69,6 +69,24 @@ OM_XML = """
 log = logging.getLogger("lunmirror-tcmu-dbus")
 
 
+def sd_notify(state):
+    """systemd Type=notify: one datagram to $NOTIFY_SOCKET (no-op without)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        s.sendto(state.encode(), addr)
+        return True
+    except OSError as e:
+        log.warning("sd_notify: %s", e)
+        return False
+    finally:
+        s.close()
+
+
 def daemon_alive(path):
     """True if something accepts connections on the daemon's control socket."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -194,6 +212,7 @@ def run(mode, checker, subtype, bus_address=None, ready_file=None):
     state = {"rc": 0, "owner_ids": []}
 
     def ready():
+        sd_notify("READY=1\nSTATUS=serving user:%s\n" % subtype)
         if ready_file:
             with open(ready_file, "w") as f:
                 f.write("ready\n")

@@ -86,7 +86,7 @@ case "$MODE" in
     dbus-daemon --system --fork --nopidfile || die "dbus-daemon"
     start_handler
     step "starting the D-Bus service (targetcli-plugin)"
-    PYTHONPATH=$PLUGIN_DIR /usr/bin/python3 -m lunmirror_tcmu.dbus_service >> "$S/dbus-service.log" 2>&1 &
+    PYTHONPATH=$PLUGIN_DIR /usr/bin/python3 -m lunmirror_tcmu.dbus_service -v --control-socket "${CONTROL_SOCKET:-}" >> "$S/dbus-service.log" 2>&1 &
     SPID=$!
     for _ in $(seq 1 100); do
       dbus-send --system --print-reply --dest=org.freedesktop.DBus / org.freedesktop.DBus.NameHasOwner \
