@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use super::cfgstring::{CfgError, CfgString};
 use super::configfs::{self, DeviceDir, KernelPaths, ResetLevel};
 use super::netlink::{self, EventSocket, GenlRequester, Reconfig, TcmuEvent};
-use super::ring::{fixed_sense, Event, Ring, RingError, SharedMem};
+use super::ring::{fixed_sense, Command, Event, Ring, RingError, SharedMem};
 use super::sys::*;
 use super::uio::{UioDevice, UioFd, UioMapping, UioPaths};
 use super::xfer::{direction, Direction};
@@ -118,6 +118,13 @@ pub struct HandlerConfig {
     /// Longest wait on a ring without a notification (a missed wakeup
     /// costs at most this much latency).
     pub ring_poll: Duration,
+    /// Threads executing one device's commands. With more than one (and a
+    /// kernel offering out-of-order completion) commands run concurrently
+    /// and complete as they finish; 1 runs them in ring order on the ring
+    /// thread.
+    pub workers_per_device: usize,
+    /// Commands of one device in execution at once (pool mode).
+    pub max_inflight: usize,
     pub vendor: String,
     pub product: String,
     pub revision: String,
@@ -133,6 +140,8 @@ impl Default for HandlerConfig {
             nl_replies: true,
             rescan_interval: Duration::from_secs(5),
             ring_poll: Duration::from_millis(250),
+            workers_per_device: 4,
+            max_inflight: 32,
             vendor: "LUNMIRR".into(),
             product: "TCMU mirror".into(),
             revision: env!("CARGO_PKG_VERSION")
@@ -186,6 +195,87 @@ fn tmr_to_tmf(tmr_type: u8) -> Option<TaskMgmt> {
     }
 }
 
+/// A command ready for the SCSI core: data-out gathered, lengths known.
+pub struct Prepared {
+    pub cmd: Command,
+    pub data_out: Vec<u8>,
+    pub expected_in_len: u32,
+}
+
+/// Gather a command's data-out and work out how much data-in it may get.
+pub fn prepare<M: SharedMem>(ring: &Ring<M>, cmd: Command) -> Result<Prepared, RingError> {
+    let dir = if cmd.is_bidi() {
+        Direction::Out
+    } else {
+        direction(&cmd.cdb)
+    };
+    let data_out = match dir {
+        Direction::Out => ring.gather(&cmd)?,
+        Direction::In => Vec::new(),
+    };
+    let expected_in_len = match (cmd.is_bidi(), dir) {
+        (false, Direction::Out) => 0,
+        _ => u32::try_from(cmd.data_in_capacity()).unwrap_or(u32::MAX),
+    };
+    Ok(Prepared {
+        cmd,
+        data_out,
+        expected_in_len,
+    })
+}
+
+/// Run a prepared command against the SCSI core.
+pub fn execute(target: &dyn ScsiTarget, nexus: &Arc<Nexus>, p: &Prepared) -> ScsiResponse {
+    target.execute(&ScsiRequest {
+        cdb: &p.cmd.cdb,
+        lun: 0,
+        nexus,
+        data_out: &p.data_out,
+        expected_in_len: p.expected_in_len,
+        task_attr: TaskAttr::Simple,
+    })
+}
+
+/// Hand a command's result back to the ring.
+pub fn finish<M: SharedMem>(
+    ring: &mut Ring<M>,
+    cmd: Command,
+    resp: &ScsiResponse,
+) -> Result<(), RingError> {
+    ring.complete(
+        cmd,
+        super::ring::Response {
+            status: resp.status as u8,
+            sense: &resp.sense,
+            data_in: &resp.data_in,
+        },
+    )
+}
+
+/// Log / forward a non-command event; returns whether it was a TMR.
+fn side_event(ev: Event, target: &dyn ScsiTarget, nexus: &Arc<Nexus>, pass: &mut ServicePass) {
+    match ev {
+        Event::Cmd(_) => {}
+        Event::Tmr(t) => {
+            pass.tmrs += 1;
+            tracing::info!(tmr = t.tmr_type, cmds = ?t.cmd_ids, "tcmu: task management notification");
+            if let Some(tmf) = tmr_to_tmf(t.tmr_type) {
+                target.task_management(tmf, nexus);
+            }
+        }
+        Event::Failed { cmd_id, fault } => {
+            pass.failed_entries += 1;
+            tracing::warn!(cmd_id, "tcmu: malformed ring entry failed: {fault}");
+        }
+        Event::BadTmr { off, len } => {
+            tracing::warn!(off, len, "tcmu: malformed TMR entry skipped");
+        }
+        Event::UnknownOp { off, op } => {
+            tracing::warn!(off, op, "tcmu: ring entry with unknown opcode flagged");
+        }
+    }
+}
+
 /// Take every available event off `ring` and run it against `target`, in
 /// order, completing each command before taking the next.
 pub fn service_ring<M: SharedMem>(
@@ -198,57 +288,165 @@ pub fn service_ring<M: SharedMem>(
         match ev {
             Event::Cmd(cmd) => {
                 pass.commands += 1;
-                let dir = if cmd.is_bidi() {
-                    Direction::Out
-                } else {
-                    direction(&cmd.cdb)
-                };
-                let data_out = match dir {
-                    Direction::Out => ring.gather(&cmd)?,
-                    Direction::In => Vec::new(),
-                };
-                let expected_in_len = match (cmd.is_bidi(), dir) {
-                    (false, Direction::Out) => 0,
-                    _ => u32::try_from(cmd.data_in_capacity()).unwrap_or(u32::MAX),
-                };
-                let resp = target.execute(&ScsiRequest {
-                    cdb: &cmd.cdb,
-                    lun: 0,
-                    nexus,
-                    data_out: &data_out,
-                    expected_in_len,
-                    task_attr: TaskAttr::Simple,
-                });
-                let status = resp.status as u8;
-                ring.complete(
-                    cmd,
-                    super::ring::Response {
-                        status,
-                        sense: &resp.sense,
-                        data_in: &resp.data_in,
-                    },
-                )?;
+                let p = prepare(ring, cmd)?;
+                let resp = execute(target, nexus, &p);
+                finish(ring, p.cmd, &resp)?;
             }
-            Event::Tmr(t) => {
-                pass.tmrs += 1;
-                tracing::info!(tmr = t.tmr_type, cmds = ?t.cmd_ids, "tcmu: task management notification");
-                if let Some(tmf) = tmr_to_tmf(t.tmr_type) {
-                    target.task_management(tmf, nexus);
-                }
-            }
-            Event::Failed { cmd_id, fault } => {
-                pass.failed_entries += 1;
-                tracing::warn!(cmd_id, "tcmu: malformed ring entry failed: {fault}");
-            }
-            Event::BadTmr { off, len } => {
-                tracing::warn!(off, len, "tcmu: malformed TMR entry skipped");
-            }
-            Event::UnknownOp { off, op } => {
-                tracing::warn!(off, op, "tcmu: ring entry with unknown opcode flagged");
-            }
+            other => side_event(other, target, nexus, &mut pass),
         }
     }
     Ok(pass)
+}
+
+/// Runs one device's commands on a pool of threads: the ring thread takes
+/// commands off the ring and completes them, workers execute them. The
+/// ring stays single-threaded (all shared-memory access is on it); workers
+/// see only owned buffers.
+pub struct Pool {
+    jobs: Option<crossbeam::channel::Sender<Prepared>>,
+    done: crossbeam::channel::Receiver<(Command, ScsiResponse)>,
+    workers: Vec<JoinHandle<()>>,
+    inflight: usize,
+    max_inflight: usize,
+    wake_rx: std::os::fd::OwnedFd,
+}
+
+impl Pool {
+    /// `workers` threads running `target`; each finished command is also
+    /// signalled by a byte on a pipe whose read end [`Pool::wake_fd`] gives,
+    /// so the ring thread can poll it next to the uio fd.
+    pub fn new(
+        workers: usize,
+        max_inflight: usize,
+        target: Arc<dyn ScsiTarget>,
+        nexus: Arc<Nexus>,
+        name: &str,
+    ) -> io::Result<Pool> {
+        let (wake_rx, wake_tx) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+        let wake_tx = Arc::new(wake_tx);
+        let (jobs_tx, jobs_rx) = crossbeam::channel::unbounded::<Prepared>();
+        let (done_tx, done_rx) = crossbeam::channel::unbounded();
+        let mut handles = Vec::new();
+        for i in 0..workers.max(1) {
+            let (rx, tx, target, nexus, wake) = (
+                jobs_rx.clone(),
+                done_tx.clone(),
+                target.clone(),
+                nexus.clone(),
+                wake_tx.clone(),
+            );
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("tcmu-{name}-w{i}"))
+                    .spawn(move || {
+                        for p in rx {
+                            let resp = execute(&*target, &nexus, &p);
+                            if tx.send((p.cmd, resp)).is_err() {
+                                break;
+                            }
+                            // A full pipe already guarantees a wakeup.
+                            let _ = nix::unistd::write(&*wake, &[1u8]);
+                        }
+                    })?,
+            );
+        }
+        Ok(Pool {
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            workers: handles,
+            inflight: 0,
+            max_inflight: max_inflight.max(1),
+            wake_rx,
+        })
+    }
+
+    pub fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.wake_rx.as_fd()
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    /// Complete finished commands and dispatch new ones (unless `drain`),
+    /// up to `max_inflight` in execution.
+    pub fn pump<M: SharedMem>(
+        &mut self,
+        ring: &mut Ring<M>,
+        target: &dyn ScsiTarget,
+        nexus: &Arc<Nexus>,
+        drain: bool,
+    ) -> Result<ServicePass, RingError> {
+        let mut pass = ServicePass::default();
+        let mut sink = [0u8; 64];
+        while matches!(nix::unistd::read(&self.wake_rx, &mut sink), Ok(n) if n > 0) {}
+        while let Ok((cmd, resp)) = self.done.try_recv() {
+            self.inflight -= 1;
+            match finish(ring, cmd, &resp) {
+                // Taken before a ring reset: the kernel already answered it.
+                Err(RingError::NotOutstanding(id)) => {
+                    tracing::debug!(
+                        cmd_id = id,
+                        "tcmu: result of a command from before a ring reset dropped"
+                    );
+                }
+                other => other?,
+            }
+        }
+        while !drain && self.inflight < self.max_inflight {
+            let Some(ev) = ring.next_event()? else { break };
+            match ev {
+                Event::Cmd(cmd) => {
+                    pass.commands += 1;
+                    let p = prepare(ring, cmd)?;
+                    match &self.jobs {
+                        Some(tx) => {
+                            if let Err(e) = tx.send(p) {
+                                // Workers gone: answer here rather than drop it.
+                                let p = e.into_inner();
+                                let resp = execute(target, nexus, &p);
+                                finish(ring, p.cmd, &resp)?;
+                                continue;
+                            }
+                            self.inflight += 1;
+                        }
+                        None => {
+                            let resp = execute(target, nexus, &p);
+                            finish(ring, p.cmd, &resp)?;
+                        }
+                    }
+                }
+                other => side_event(other, target, nexus, &mut pass),
+            }
+        }
+        Ok(pass)
+    }
+
+    /// Commands handed to workers before a ring reset: their results are
+    /// discarded (the ring refuses them) but they still have to be waited for.
+    pub fn forget_inflight_results<M: SharedMem>(&mut self, ring: &mut Ring<M>) {
+        while self.inflight > 0 {
+            match self.done.recv_timeout(Duration::from_secs(60)) {
+                Ok((cmd, resp)) => {
+                    self.inflight -= 1;
+                    let _ = finish(ring, cmd, &resp);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
 }
 
 /// Complete every command on the ring with BUSY without running it (the
@@ -484,7 +682,19 @@ impl Manager {
         let alive = Arc::new(AtomicBool::new(true));
         let stats = Arc::new(DeviceStats::default());
         let nexus = device_nexus(dev.name.hba, &dev.name.dev);
+        let pool = if self.cfg.workers_per_device > 1 && ring.out_of_order() {
+            Some(Pool::new(
+                self.cfg.workers_per_device,
+                self.cfg.max_inflight,
+                target.clone(),
+                nexus.clone(),
+                &dev.name.dev,
+            )?)
+        } else {
+            None
+        };
         let runner = RingRunner {
+            pool,
             uio,
             ring,
             target,
@@ -598,7 +808,20 @@ impl Manager {
                     },
                 };
                 let dir = DeviceDir::new(&self.cfg.kernel, dev.name.hba, &dev.name.dev);
-                let status = match self.attach(dev.clone(), false) {
+                // tcmu-runner, when running beside us, also grabs every new
+                // device for a moment (and lets go of subtypes it does not
+                // serve): retry briefly on EBUSY.
+                let mut attached = self.attach(dev.clone(), false);
+                for _ in 0..20 {
+                    match &attached {
+                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                            std::thread::sleep(Duration::from_millis(100));
+                            attached = self.attach(dev.clone(), false);
+                        }
+                        _ => break,
+                    }
+                }
+                let status = match attached {
                     Ok(()) => {
                         let fault = lock(&self.devices)
                             .get(&d.minor)
@@ -692,16 +915,31 @@ struct RingRunner {
     stats: Arc<DeviceStats>,
     poll: Duration,
     name: String,
+    pool: Option<Pool>,
 }
 
 impl RingRunner {
     fn run(mut self) {
-        while !self.stop.load(Ordering::Acquire) {
-            if let Err(e) = self.uio.wait(self.poll) {
+        loop {
+            let stopping = self.stop.load(Ordering::Acquire);
+            let inflight = self.pool.as_ref().map_or(0, Pool::inflight);
+            if stopping && inflight == 0 {
+                break;
+            }
+            let woke = match &self.pool {
+                Some(p) => self.uio.wait_with(Some(p.wake_fd()), self.poll),
+                None => self.uio.wait_with(None, self.poll),
+            };
+            if let Err(e) = woke {
                 tracing::info!(dev = %self.name, "tcmu: ring closed: {e}");
                 break;
             }
-            match service_ring(&mut self.ring, &*self.target, &self.nexus) {
+            let pass = match &mut self.pool {
+                Some(pool) => pool.pump(&mut self.ring, &*self.target, &self.nexus, stopping),
+                None if stopping => Ok(ServicePass::default()),
+                None => service_ring(&mut self.ring, &*self.target, &self.nexus),
+            };
+            match pass {
                 Ok(p) => {
                     self.stats.commands.fetch_add(p.commands, Ordering::Relaxed);
                     self.stats
@@ -735,6 +973,13 @@ impl RingRunner {
                     tracing::info!(dev = %self.name, "tcmu: kick failed: {e}");
                     break;
                 }
+            }
+        }
+        // Workers finish what they hold before the ring is unmapped.
+        if let Some(mut pool) = self.pool.take() {
+            pool.forget_inflight_results(&mut self.ring);
+            if self.ring.take_kick() {
+                let _ = self.uio.kick();
             }
         }
         self.alive.store(false, Ordering::Release);

@@ -5,7 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -172,8 +172,21 @@ impl UioFd {
     /// Wait up to `timeout` for the kernel's notification; returns whether
     /// one arrived (consuming the event count).
     pub fn wait(&mut self, timeout: Duration) -> io::Result<bool> {
+        self.wait_with(None, timeout)
+    }
+
+    /// As [`UioFd::wait`], also returning early when `extra` is readable
+    /// (e.g. a worker pool's wake pipe; the caller drains it).
+    pub fn wait_with(
+        &mut self,
+        extra: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> io::Result<bool> {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+        if let Some(fd) = extra {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        }
         let n = match poll(
             &mut fds,
             PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
@@ -185,12 +198,18 @@ impl UioFd {
         if n == 0 {
             return Ok(false);
         }
-        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        let revents = fds
+            .first()
+            .and_then(|f| f.revents())
+            .unwrap_or(PollFlags::empty());
         if revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL) {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "uio device went away",
             ));
+        }
+        if !revents.contains(PollFlags::POLLIN) {
+            return Ok(false);
         }
         let mut count = [0u8; 4];
         self.file.read_exact(&mut count)?;
