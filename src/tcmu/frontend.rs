@@ -788,6 +788,52 @@ impl Manager {
         }
     }
 
+    /// Status for a RECONFIG_DEVICE: 0 to accept, -errno to refuse.
+    fn reconfig_status(&mut self, minor: u32, change: &Reconfig) -> i32 {
+        let info = lock(&self.devices).get(&minor).and_then(|s| s.info.clone());
+        let unchanged = |info: &DeviceInfo| match change {
+            // targetctl restore rewrites every attribute with the
+            // value it already has: that is not a change.
+            Reconfig::Config(c) => {
+                CfgString::parse_dev_config(c, &self.cfg.subtype)
+                    .ok()
+                    .as_ref()
+                    == Some(&info.config)
+            }
+            Reconfig::Size(n) => *n == info.size,
+            Reconfig::WriteCache(w) => *w == info.write_cache,
+            Reconfig::Other => false,
+        };
+        match info {
+            Some(info) if unchanged(&info) => 0,
+            Some(info) => match self.factory.reconfigure(&info, change) {
+                Ok(()) => {
+                    let subtype = self.cfg.subtype.clone();
+                    if let Some(slot) = lock(&self.devices).get_mut(&minor) {
+                        if let Some(i) = slot.info.as_mut() {
+                            match change {
+                                Reconfig::Size(n) => i.size = *n,
+                                Reconfig::WriteCache(w) => i.write_cache = *w,
+                                Reconfig::Config(c) => {
+                                    if let Ok(parsed) = CfgString::parse_dev_config(c, &subtype) {
+                                        i.config = parsed;
+                                    }
+                                }
+                                Reconfig::Other => {}
+                            }
+                        }
+                    }
+                    0
+                }
+                Err(why) => {
+                    tracing::warn!(dev = %info.name, "tcmu: reconfiguration {change:?} refused: {why}");
+                    -libc::EOPNOTSUPP
+                }
+            },
+            None => -libc::ENODEV,
+        }
+    }
+
     fn handle(&mut self, ev: TcmuEvent) {
         let d = ev.dev().clone();
         let Some(name) = super::uio::UioName::parse(&d.name) else {
@@ -848,19 +894,7 @@ impl Manager {
                 self.reply(&ev, 0);
             }
             TcmuEvent::Reconfig(_, change) => {
-                let info = lock(&self.devices)
-                    .get(&d.minor)
-                    .and_then(|s| s.info.clone());
-                let status = match info {
-                    Some(info) => match self.factory.reconfigure(&info, change) {
-                        Ok(()) => 0,
-                        Err(why) => {
-                            tracing::warn!(dev = %info.name, "tcmu: reconfiguration {change:?} refused: {why}");
-                            -libc::EOPNOTSUPP
-                        }
-                    },
-                    None => -libc::ENODEV,
-                };
+                let status = self.reconfig_status(d.minor, change);
                 self.reply(&ev, status);
             }
         }

@@ -131,7 +131,10 @@ if [ "$MODE" = targetcli ]; then
   stop_handler
   start_handler
   step "targetctl restore"
-  targetctl restore "$S/saveconfig.json" || fails+=("targetctl restore")
+  targetctl restore "$S/saveconfig.json" > "$S/restore.txt" 2>&1 || fails+=("targetctl restore")
+  cat "$S/restore.txt"
+  # restore rewrites dev_config/dev_size: the handler must accept unchanged values.
+  grep -q "Cannot set attribute" "$S/restore.txt" && fails+=("restore: $(grep -m1 'Cannot set attribute' "$S/restore.txt")")
   for _ in $(seq 1 50); do grep -q '"running": *true\|running: true' "$S/handler.log" 2>/dev/null && break; sleep 0.2; done
   targetcli ls /backstores/user:mirror
   sum2=$(sha256sum "$IMG" | cut -d' ' -f1)

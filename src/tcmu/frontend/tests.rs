@@ -452,3 +452,63 @@ fn pool_drops_results_from_before_a_reset() {
         "stale results never reach the kernel"
     );
 }
+
+#[test]
+fn reconfig_with_current_values_is_accepted() {
+    struct Refuse;
+    impl VolumeFactory for Refuse {
+        fn open(&self, _dev: &DeviceInfo) -> Result<SharedDev, String> {
+            Err("unused".into())
+        }
+    }
+    let devices: Devices = Arc::new(Mutex::new(HashMap::new()));
+    let mut mgr = Manager {
+        cfg: HandlerConfig::default(),
+        factory: Arc::new(Refuse),
+        devices: devices.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+        nl: None,
+    };
+    let i = info(1 << 20);
+    devices.lock().unwrap().insert(
+        7,
+        DeviceSlot {
+            dev: UioDevice {
+                index: 7,
+                name: crate::tcmu::uio::UioName::parse(
+                    "tcm-user/1/disk0/mirror//scratch/disk0.img",
+                )
+                .unwrap(),
+                map_size: 0,
+                version: "2".into(),
+            },
+            info: Some(i.clone()),
+            fault: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            alive: Arc::new(AtomicBool::new(true)),
+            stats: Arc::new(DeviceStats::default()),
+            thread: None,
+        },
+    );
+    let same_cfg = Reconfig::Config("mirror//scratch/disk0.img".into());
+    assert_eq!(mgr.reconfig_status(7, &same_cfg), 0);
+    assert_eq!(mgr.reconfig_status(7, &Reconfig::Size(1 << 20)), 0);
+    assert_eq!(
+        mgr.reconfig_status(7, &Reconfig::Size(2 << 20)),
+        -libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        mgr.reconfig_status(7, &Reconfig::Config("mirror//other.img".into())),
+        -libc::EOPNOTSUPP
+    );
+    // The default policy accepts write-cache changes and records them.
+    assert_eq!(mgr.reconfig_status(7, &Reconfig::WriteCache(true)), 0);
+    assert!(
+        devices.lock().unwrap()[&7]
+            .info
+            .as_ref()
+            .unwrap()
+            .write_cache
+    );
+    assert_eq!(mgr.reconfig_status(99, &Reconfig::Size(1)), -libc::ENODEV);
+}
