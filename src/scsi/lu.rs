@@ -3,12 +3,15 @@
 //! identify → unit attention → shape check → parse → dispatch.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::cdb::{self, Command, Reader};
+use super::cdb::{self, Attrs, Command, Reader};
 use super::lun_map::LunMap;
+use super::pr::{Outcome, PrOutCdb, PrState, PrStore};
 use super::range_lock::RangeLock;
 use super::sense::{Asc, ScsiError};
 use super::ua::UaTable;
+use super::xcopy::{self, CopyResults};
 use super::{sbc, spc, Nexus, ScsiRequest, ScsiResponse};
 use crate::block::SharedDev;
 
@@ -64,6 +67,15 @@ pub struct LogicalUnit {
     pub(crate) mode: ModeState,
     /// Capacity (in blocks) last reported, to notice a resize.
     last_blocks: AtomicU64,
+    /// Reservations; `reserved` mirrors `PrState::reserved` so commands
+    /// skip the lock when nothing is reserved.
+    pr: Mutex<PrState>,
+    reserved: AtomicBool,
+    pr_store: Option<Arc<dyn PrStore>>,
+    /// START STOP UNIT with START = 0: medium access is NOT READY.
+    stopped: AtomicBool,
+    /// EXTENDED COPY results held for RECEIVE COPY RESULTS.
+    copies: Mutex<CopyResults>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -99,7 +111,64 @@ impl LogicalUnit {
             locks: RangeLock::new(),
             mode: ModeState::default(),
             last_blocks: AtomicU64::new(blocks),
+            pr: Mutex::new(PrState::default()),
+            reserved: AtomicBool::new(false),
+            pr_store: None,
+            stopped: AtomicBool::new(false),
+            copies: Mutex::new(CopyResults::default()),
         }
+    }
+
+    /// Persist APTPL persistent reservations through `store`, restoring
+    /// what it saved for this volume before.
+    pub fn with_pr_store(mut self, store: Arc<dyn PrStore>) -> Self {
+        if let Some(bytes) = store.load(&self.config.volume) {
+            let state = PrState::load(&bytes);
+            self.reserved.store(state.reserved(), Ordering::Relaxed);
+            self.pr = Mutex::new(state);
+        }
+        self.pr_store = Some(store);
+        self
+    }
+
+    fn pr_lock(&self) -> MutexGuard<'_, PrState> {
+        self.pr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run `f` on the reservation state, then refresh the fast-path flag
+    /// and persist if APTPL is (or was) on and something changed.
+    fn with_pr<R>(
+        &self,
+        f: impl FnOnce(&mut PrState) -> Result<(R, Outcome), ScsiError>,
+    ) -> Result<R, ScsiError> {
+        let mut st = self.pr_lock();
+        let was_aptpl = st.aptpl();
+        let result = f(&mut st);
+        self.reserved.store(st.reserved(), Ordering::Relaxed);
+        let (r, outcome) = result?;
+        if outcome == Outcome::Changed && (was_aptpl || st.aptpl()) {
+            if let Some(store) = &self.pr_store {
+                store.save(&self.config.volume, &st.save_bytes());
+            }
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn copies(&self) -> MutexGuard<'_, CopyResults> {
+        self.copies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The reservation check for a command of class `attrs` from `n`.
+    pub(crate) fn check_reservation(&self, n: &Nexus, attrs: &Attrs) -> Result<(), ScsiError> {
+        if self.reserved.load(Ordering::Relaxed) {
+            self.pr_lock().check(n, attrs)?;
+        }
+        Ok(())
+    }
+
+    /// Thin provisioned: the backstore can deallocate.
+    pub(crate) fn thin(&self) -> bool {
+        self.dev.caps().discard
     }
 
     /// Logical block size in bytes.
@@ -111,7 +180,10 @@ impl LogicalUnit {
     /// CAPACITY DATA HAS CHANGED for every nexus.
     pub fn blocks(&self) -> u64 {
         let now = self.dev.size() >> self.shift;
-        if self.last_blocks.swap(now, Ordering::Relaxed) != now {
+        // A plain load on the common path: no shared cache-line write per
+        // command. Only the thread that wins the swap raises the UA.
+        let last = self.last_blocks.load(Ordering::Relaxed);
+        if last != now && self.last_blocks.swap(now, Ordering::Relaxed) != now {
             self.ua.establish_all(Asc::CAPACITY_DATA_HAS_CHANGED, None);
         }
         now
@@ -135,12 +207,47 @@ impl LogicalUnit {
 
     /// LOGICAL UNIT RESET / target reset: every nexus gets `asc`.
     pub(crate) fn reset(&self, asc: Asc) {
+        let _ = self.with_pr(|st| {
+            st.reset();
+            Ok(((), Outcome::Unchanged))
+        });
+        self.stopped.store(false, Ordering::Relaxed);
         self.ua.establish_all(asc, None);
     }
 
     /// The frontend lost this I_T nexus.
     pub(crate) fn nexus_loss(&self, nexus: &Nexus) {
-        self.ua.establish_known(nexus, Asc::I_T_NEXUS_LOSS);
+        let _ = self.with_pr(|st| {
+            st.nexus_loss(nexus);
+            Ok(((), Outcome::Unchanged))
+        });
+        self.ua.nexus_lost(nexus);
+    }
+
+    /// START STOP UNIT. Power conditions other than START/STOP are
+    /// transparent for a virtual disk.
+    fn start_stop(
+        &self,
+        power_condition: u8,
+        no_flush: bool,
+        start: bool,
+    ) -> Result<(), ScsiError> {
+        match power_condition {
+            0 => {
+                if !start && !no_flush {
+                    self.dev.flush().map_err(ScsiError::write)?;
+                }
+                self.stopped.store(!start, Ordering::Relaxed);
+                Ok(())
+            }
+            // ACTIVE implies a started unit.
+            1 => {
+                self.stopped.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            2 | 3 | 7 | 0xA | 0xB => Ok(()),
+            _ => Err(ScsiError::cdb(4, 7)),
+        }
     }
 
     /// Execute one command addressed to this LU.
@@ -163,6 +270,9 @@ impl LogicalUnit {
                 return Err(e);
             }
         };
+        if desc.attrs.thin && !self.thin() {
+            return Err(ScsiError::InvalidOpcode);
+        }
         if !ua_exempt(desc.opcode) {
             if let Some(asc) = self.ua.take(req.nexus) {
                 return Err(ScsiError::UnitAttention(asc));
@@ -170,6 +280,10 @@ impl LogicalUnit {
         }
         cdb::check_shape(req.cdb, desc)?;
         let cmd = (desc.parse)(&Reader::new(req.cdb))?;
+        self.check_reservation(req.nexus, &desc.attrs)?;
+        if desc.attrs.media && self.stopped.load(Ordering::Relaxed) {
+            return Err(ScsiError::NotReady);
+        }
         self.dispatch(req, map, cmd)
     }
 
@@ -229,7 +343,12 @@ impl LogicalUnit {
                 sa,
                 alloc_len,
             } => good(spc::report_supported_opcodes(
-                rctd, options, opcode, sa, alloc_len,
+                self.thin(),
+                rctd,
+                options,
+                opcode,
+                sa,
+                alloc_len,
             )?),
             Command::ReportTargetPortGroups {
                 extended,
@@ -274,6 +393,114 @@ impl LogicalUnit {
             }
             Command::SyncCache { lba, blocks } => {
                 sbc::sync_cache(self, lba, blocks)?;
+                good(Vec::new())
+            }
+            Command::WriteSame {
+                form,
+                lba,
+                blocks,
+                unmap,
+                anchor,
+                ndob,
+            } => {
+                sbc::write_same(
+                    self,
+                    sbc::WriteSameArgs {
+                        form,
+                        lba,
+                        blocks,
+                        unmap,
+                        anchor,
+                        ndob,
+                    },
+                    req.data_out,
+                )?;
+                good(Vec::new())
+            }
+            Command::Unmap { anchor, param_len } => {
+                sbc::unmap(self, anchor, param_len, req.data_out)?;
+                good(Vec::new())
+            }
+            Command::GetLbaStatus { lba, alloc_len } => {
+                good(sbc::get_lba_status(self, lba, alloc_len)?)
+            }
+            Command::CompareAndWrite { lba, blocks, fua } => {
+                sbc::compare_and_write(self, lba, blocks, fua, req.data_out)?;
+                good(Vec::new())
+            }
+            Command::OrWrite { lba, blocks, fua } => {
+                sbc::or_write(self, lba, blocks, fua, req.data_out)?;
+                good(Vec::new())
+            }
+            Command::PreFetch { lba, blocks } => {
+                sbc::pre_fetch(self, lba, blocks)?;
+                good(Vec::new())
+            }
+            Command::StartStopUnit {
+                power_condition,
+                no_flush,
+                start,
+            } => {
+                self.start_stop(power_condition, no_flush, start)?;
+                good(Vec::new())
+            }
+            Command::ReadDefectData {
+                twelve,
+                plist,
+                glist,
+                format,
+                alloc_len,
+            } => good(sbc::read_defect_data(
+                twelve, plist, glist, format, alloc_len,
+            )),
+            Command::PersistentReserveIn { sa, alloc_len } => {
+                good(self.pr_lock().pr_in(sa, alloc_len)?)
+            }
+            Command::PersistentReserveOut {
+                sa,
+                scope,
+                pr_type,
+                param_len,
+            } => {
+                self.with_pr(|st| {
+                    let o = st.pr_out(
+                        req.nexus,
+                        &self.ua,
+                        PrOutCdb {
+                            sa,
+                            scope,
+                            pr_type,
+                            param_len,
+                        },
+                        req.data_out,
+                    )?;
+                    Ok(((), o))
+                })?;
+                good(Vec::new())
+            }
+            Command::Sanitize { sa, param_len } => {
+                sbc::sanitize(self, sa, param_len, req.data_out)?;
+                good(Vec::new())
+            }
+            Command::ExtendedCopy { param_len } => {
+                xcopy::extended_copy(self, map, req.nexus, param_len, req.data_out, |lu, a| {
+                    lu.check_reservation(req.nexus, a)
+                })?;
+                good(Vec::new())
+            }
+            Command::ReceiveCopyResults {
+                sa,
+                list_id,
+                alloc_len,
+            } => good(xcopy::receive_copy_results(
+                self, req.nexus, sa, list_id, alloc_len,
+            )?),
+            Command::Reserve => {
+                self.with_pr(|st| st.reserve(req.nexus).map(|()| ((), Outcome::Unchanged)))?;
+                good(Vec::new())
+            }
+            Command::Release => {
+                self.with_pr(|st| st.release(req.nexus).map(|()| ((), Outcome::Unchanged)))?;
                 good(Vec::new())
             }
         }

@@ -39,6 +39,12 @@ impl LunMap {
         self.luns.get(&lun)
     }
 
+    /// The LU whose NAA designator (VPD 0x83) is `naa`: how EXTENDED COPY
+    /// finds its copy targets.
+    pub fn find_by_naa(&self, naa: &[u8]) -> Option<&Arc<LogicalUnit>> {
+        self.luns.values().find(|lu| lu.config.naa[..] == *naa)
+    }
+
     /// All LUs with their LUN numbers, ascending.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Arc<LogicalUnit>)> {
         self.luns.iter().map(|(n, lu)| (*n, lu))
@@ -82,9 +88,10 @@ impl LunMap {
         }
     }
 
-    /// The frontend lost an I_T nexus (session closed or reinstated):
-    /// reservations it held are released, and its next command on each LU
-    /// reports I_T NEXUS LOSS OCCURRED.
+    /// The frontend lost an I_T nexus (session closed, connection dropped,
+    /// session reinstated): SPC-2 reservations it held are released and its
+    /// pending unit attentions dropped (see `ua::UaTable::nexus_lost`).
+    /// Persistent reservations and registrations survive.
     pub fn nexus_loss(&self, nexus: &Nexus) {
         for lu in self.luns.values() {
             lu.nexus_loss(nexus);

@@ -9,9 +9,17 @@
 //! - `LunMap::task_management(...)` establishes the unit attentions that LUN
 //!   and target resets cause.
 //! - `LunMap::nexus_loss(&Nexus)` tells the core an I_T nexus is gone
-//!   (session closed): its SPC-2 reservations are released.
+//!   (session closed, connection dropped, reinstated): its SPC-2
+//!   reservations are released and its pending unit attentions dropped.
 //! - `encode_lun`/`decode_lun` convert between LUN numbers and the 8-byte
 //!   LUN field, the same way REPORT LUNS encodes them.
+//! - `cdb::data_out_len(cdb, block_size)` is the data-out length a CDB
+//!   describes (for residuals), from the same table dispatch uses.
+//! - `ScsiRequest::data_out` should carry everything the initiator sent:
+//!   the core cuts surplus for WRITE-type commands itself and refuses
+//!   mismatches where the CDB fixes the length (COMPARE AND WRITE, WRITE
+//!   SAME).
+//! - `LogicalUnit::with_pr_store` plugs in APTPL persistence (`PrStore`).
 
 use std::sync::Arc;
 
@@ -149,14 +157,19 @@ pub fn decode_lun(field: [u8; 8]) -> u64 {
 pub mod cdb;
 mod lu;
 mod lun_map;
+pub mod pr;
 mod range_lock;
 pub mod sbc;
 pub mod sense;
 pub mod spc;
 mod ua;
+mod xcopy;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests2;
 
 pub use lun_map::{LogicalUnit, LuConfig, LunMap};
+pub use pr::PrStore;
 pub use sense::{Asc, ScsiError, Sense, SenseKey};

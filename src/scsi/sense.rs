@@ -31,6 +31,7 @@ pub struct Asc(pub u8, pub u8);
 
 impl Asc {
     pub const NO_ADDITIONAL: Asc = Asc(0x00, 0x00);
+    pub const NOT_READY_INIT_REQUIRED: Asc = Asc(0x04, 0x02);
     pub const WRITE_ERROR: Asc = Asc(0x0C, 0x00);
     pub const INVALID_FIELD_IN_IU: Asc = Asc(0x0E, 0x03);
     pub const UNRECOVERED_READ_ERROR: Asc = Asc(0x11, 0x00);
@@ -189,8 +190,10 @@ pub enum ScsiError {
     ParamListLength,
     #[error("invalid parameter value")]
     InvalidParamValue,
-    #[error("data-out buffer shorter than the command requires")]
-    DataOutTooShort,
+    #[error("data-out length does not match the command")]
+    DataOutLength,
+    #[error("logical unit is stopped")]
+    NotReady,
     #[error("LBA out of range")]
     LbaOutOfRange,
     #[error("logical unit is write protected")]
@@ -283,7 +286,8 @@ impl ScsiError {
             },
             ScsiError::ParamListLength => Sense::new(IllegalRequest, Asc::PARAM_LIST_LENGTH_ERROR),
             ScsiError::InvalidParamValue => Sense::new(IllegalRequest, Asc::INVALID_PARAM_VALUE),
-            ScsiError::DataOutTooShort => Sense::new(IllegalRequest, Asc::INVALID_FIELD_IN_IU),
+            ScsiError::DataOutLength => Sense::new(IllegalRequest, Asc::INVALID_FIELD_IN_IU),
+            ScsiError::NotReady => Sense::new(NotReady, Asc::NOT_READY_INIT_REQUIRED),
             ScsiError::LbaOutOfRange => Sense::new(IllegalRequest, Asc::LBA_OUT_OF_RANGE),
             ScsiError::WriteProtected => Sense::new(DataProtect, Asc::WRITE_PROTECTED),
             ScsiError::SoftwareWriteProtected => {

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::cdb::{self, Reader, OPCODES};
 use super::lu::LogicalUnit;
+use super::sbc;
 use super::sense::{Asc, ScsiError, Sense, SenseKey};
 use super::Nexus;
 
@@ -25,7 +26,7 @@ const VERSION_DESCRIPTORS: [u16; 4] = [
 ];
 
 /// VPD pages we serve, ascending.
-pub const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+pub const VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2];
 
 pub(crate) fn truncate(mut v: Vec<u8>, alloc_len: usize) -> Vec<u8> {
     v.truncate(alloc_len);
@@ -60,7 +61,7 @@ pub(crate) fn standard_inquiry(
     d[2] = 0x06; // SPC-4
     d[3] = 0x12; // HISUP, response data format 2
     d[4] = (d.len() - 5) as u8;
-    d[5] = 0x10; // TPGS = 01b: implicit ALUA
+    d[5] = 0x10 | 0x08; // TPGS = 01b (implicit ALUA), 3PC (EXTENDED COPY)
     d[7] = 0x02; // CMDQUE
     ascii_field(&mut d[8..16], vendor);
     ascii_field(&mut d[16..32], product);
@@ -128,25 +129,40 @@ fn device_identification(lu: &LogicalUnit, nexus: &Nexus) -> Vec<u8> {
 }
 
 fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
+    // Offsets below are page offsets minus the 4-byte header.
     let mut p = [0u8; 0x3C];
     let bs = u64::from(lu.block_size());
-    let gran = (4096 / bs).max(1) as u16;
-    p[2..4].copy_from_slice(&gran.to_be_bytes()); // optimal transfer length granularity
+    let gran = (4096 / bs).max(1) as u32;
+    p[0] = 0x00; // WSNZ = 0: WRITE SAME with 0 blocks runs to the end
+    p[1] = sbc::MAX_CAW_BLOCKS;
+    p[2..4].copy_from_slice(&(gran as u16).to_be_bytes()); // optimal transfer length granularity
     p[4..8].copy_from_slice(&((MAX_XFER_BYTES / bs) as u32).to_be_bytes());
     p[8..12].copy_from_slice(&((OPT_XFER_BYTES / bs) as u32).to_be_bytes());
+    p[12..16].copy_from_slice(&((MAX_XFER_BYTES / bs) as u32).to_be_bytes()); // max pre-fetch
+    if lu.thin() {
+        p[16..20].copy_from_slice(&(sbc::MAX_UNMAP_BLOCKS as u32).to_be_bytes());
+        p[20..24].copy_from_slice(&sbc::MAX_UNMAP_DESCRIPTORS.to_be_bytes());
+        p[24..28].copy_from_slice(&gran.to_be_bytes()); // optimal unmap granularity
+    }
+    p[32..40].copy_from_slice(&sbc::MAX_WS_BLOCKS.to_be_bytes());
     vpd(0xB0, &p)
 }
 
-fn block_device_characteristics() -> Vec<u8> {
+fn block_device_characteristics(lu: &LogicalUnit) -> Vec<u8> {
     let mut p = [0u8; 0x3C];
     p[0..2].copy_from_slice(&1u16.to_be_bytes()); // non-rotating medium
+    if lu.thin() {
+        // WABEREQ 01b: reads after SANITIZE BLOCK ERASE succeed.
+        p[3] = 0x40;
+    }
     vpd(0xB1, &p)
 }
 
 fn logical_block_provisioning(lu: &LogicalUnit) -> Vec<u8> {
     let mut p = [0u8; 4];
-    if lu.dev.caps().discard {
-        p[1] = 0x04; // LBPRZ: unmapped blocks read as zeroes
+    if lu.thin() {
+        // LBPU, LBPWS, LBPWS10, LBPRZ (unmapped blocks read as zeroes).
+        p[1] = 0x80 | 0x40 | 0x20 | 0x04;
         p[2] = 0x02; // provisioning type: thin
     }
     vpd(0xB2, &p)
@@ -175,8 +191,9 @@ pub fn inquiry(
             0x00 => vpd(0x00, &VPD_PAGES),
             0x80 => vpd(0x80, &ascii_bytes(&lu.config.serial, 252)),
             0x83 => device_identification(lu, nexus),
+            0x8F => vpd(0x8F, &super::xcopy::third_party_copy_vpd()),
             0xB0 => block_limits(lu),
-            0xB1 => block_device_characteristics(),
+            0xB1 => block_device_characteristics(lu),
             0xB2 => logical_block_provisioning(lu),
             _ => return Err(ScsiError::cdb_byte(2)),
         }
@@ -485,12 +502,14 @@ fn timeouts_descriptor(out: &mut Vec<u8>, recommended: u32) {
 
 /// REPORT SUPPORTED OPERATION CODES, all from the dispatch table.
 pub fn report_supported_opcodes(
+    thin: bool,
     rctd: bool,
     options: u8,
     opcode: u8,
     sa: u16,
     alloc_len: u32,
 ) -> Result<Vec<u8>, ScsiError> {
+    let offered = |d: &&cdb::OpDesc| thin || !d.attrs.thin;
     let one = |desc: Option<&cdb::OpDesc>| {
         let mut d = vec![0u8; 4];
         match desc {
@@ -499,7 +518,7 @@ pub fn report_supported_opcodes(
                 d[2..4].copy_from_slice(&(desc.usage.len() as u16).to_be_bytes());
                 d.extend_from_slice(desc.usage);
                 if rctd {
-                    timeouts_descriptor(&mut d, desc.timeout);
+                    timeouts_descriptor(&mut d, desc.attrs.timeout);
                 }
             }
             None => d[1] = 0x01, // not supported
@@ -509,7 +528,7 @@ pub fn report_supported_opcodes(
     let data = match options {
         0 => {
             let mut d = vec![0u8; 4];
-            for desc in OPCODES {
+            for desc in OPCODES.iter().filter(offered) {
                 d.push(desc.opcode);
                 d.push(0);
                 d.extend_from_slice(&desc.sa.unwrap_or(0).to_be_bytes());
@@ -517,7 +536,7 @@ pub fn report_supported_opcodes(
                 d.push(u8::from(rctd) << 1 | u8::from(desc.sa.is_some()));
                 d.extend_from_slice(&(desc.usage.len() as u16).to_be_bytes());
                 if rctd {
-                    timeouts_descriptor(&mut d, desc.timeout);
+                    timeouts_descriptor(&mut d, desc.attrs.timeout);
                 }
             }
             let n = (d.len() - 4) as u32;
@@ -528,13 +547,13 @@ pub fn report_supported_opcodes(
             if cdb::opcode_has_sa(opcode) {
                 return Err(ScsiError::cdb(2, 2));
             }
-            one(cdb::lookup(opcode, 0))
+            one(cdb::lookup(opcode, 0).filter(offered))
         }
         2 => {
             if !cdb::opcode_has_sa(opcode) {
                 return Err(ScsiError::cdb(2, 2));
             }
-            one(cdb::lookup(opcode, sa))
+            one(cdb::lookup(opcode, sa).filter(offered))
         }
         _ => return Err(ScsiError::cdb(2, 2)),
     };

@@ -224,11 +224,13 @@ fn resets_raise_ua_for_every_nexus() {
         k3(sense_of(&h.run_as(&b, 0, &[0; 6], &[]))),
         [0x06, 0x2F, 0x00]
     );
+    // A lost nexus drops what was pending and misses resets while away.
+    h.map
+        .task_management(TaskMgmt::LogicalUnitReset { lun: 0 }, &h.n);
     h.map.nexus_loss(&b);
-    assert_eq!(
-        k3(sense_of(&h.run_as(&b, 0, &[0; 6], &[]))),
-        [0x06, 0x29, 0x07]
-    );
+    h.map.task_management(TaskMgmt::TargetWarmReset, &h.n);
+    assert_eq!(h.run_as(&b, 0, &[0; 6], &[]).status, ScsiStatus::Good);
+    assert_eq!(k3(h.fail(&[0; 6], &[])), [0x06, 0x29, 0x03]);
 }
 
 #[test]
@@ -257,6 +259,7 @@ fn standard_inquiry_layout() {
     assert_eq!(d[3], 0x12);
     assert_eq!(d[4] as usize, d.len() - 5);
     assert_eq!(d[5] & 0x30, 0x10, "TPGS implicit");
+    assert_eq!(d[5] & 0x08, 0x08, "3PC");
     assert_eq!(d[7] & 0x02, 0x02, "CMDQUE");
     assert_eq!(&d[8..16], b"LUNMIRR ");
     assert_eq!(&d[16..32], b"mirror-disk     ");
@@ -297,8 +300,8 @@ fn inquiry_bad_fields() {
 fn vpd_supported_pages_and_serial() {
     let h = H::new();
     let d = h.ok(&inquiry(true, 0x00, 255), &[]);
-    assert_eq!(&d[..4], &[0, 0, 0, 6]);
-    assert_eq!(&d[4..], &[0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]);
+    assert_eq!(&d[..4], &[0, 0, 0, 7]);
+    assert_eq!(&d[4..], &[0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2]);
     let d = h.ok(&inquiry(true, 0x80, 255), &[]);
     assert_eq!(&d[..4], &[0, 0x80, 0, 7]);
     assert_eq!(&d[4..], b"SER0001");
@@ -874,15 +877,18 @@ fn rsoc_all_commands_matches_table() {
     let d = h.ok(&rsoc(false, 0, 0, 0, 65535), &[]);
     let n = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize;
     assert_eq!(n, d.len() - 4);
-    assert_eq!(n, 8 * cdb::OPCODES.len());
-    for (desc, e) in cdb::OPCODES.iter().zip(d[4..].chunks(8)) {
+    // Not thin: the thin-only commands (UNMAP) are not offered.
+    let offered: Vec<_> = cdb::OPCODES.iter().filter(|d| !d.attrs.thin).collect();
+    assert_eq!(n, 8 * offered.len());
+    assert!(!d[4..].chunks(8).any(|e| e[0] == 0x42));
+    for (desc, e) in offered.iter().zip(d[4..].chunks(8)) {
         assert_eq!(e[0], desc.opcode);
         assert_eq!(u16::from_be_bytes([e[2], e[3]]), desc.sa.unwrap_or(0));
         assert_eq!(e[5], u8::from(desc.sa.is_some()));
         assert_eq!(u16::from_be_bytes([e[6], e[7]]) as usize, desc.usage.len());
     }
     let d = h.ok(&rsoc(true, 0, 0, 0, 65535), &[]);
-    assert_eq!(d.len(), 4 + 20 * cdb::OPCODES.len());
+    assert_eq!(d.len(), 4 + 20 * offered.len());
     for e in d[4..].chunks(20) {
         assert_eq!(e[5] & 0x02, 0x02, "CTDP");
         assert_eq!(&e[8..10], &[0, 0x0A]);

@@ -126,6 +126,9 @@ impl<V> NexusMap<V> {
 #[derive(Debug, Default)]
 struct Slot {
     pending: AtomicBool,
+    /// The frontend reported this I_T nexus lost; it gets no new
+    /// device-wide conditions until it sends a command again.
+    lost: AtomicBool,
     queue: Mutex<Vec<Asc>>,
 }
 
@@ -133,8 +136,16 @@ impl Slot {
     fn with(asc: Asc) -> Self {
         Slot {
             pending: AtomicBool::new(true),
+            lost: AtomicBool::new(false),
             queue: Mutex::new(vec![asc]),
         }
+    }
+
+    fn lose(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.clear();
+        self.pending.store(false, Ordering::Release);
+        self.lost.store(true, Ordering::Release);
     }
 
     fn push(&self, asc: Asc) {
@@ -197,6 +208,9 @@ impl UaTable {
         {
             let map = self.slots.read().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = map.get(n) {
+                if s.lost.load(Ordering::Relaxed) {
+                    s.lost.store(false, Ordering::Release);
+                }
                 return f(s);
             }
         }
@@ -229,17 +243,33 @@ impl UaTable {
         let map = self.slots.read().unwrap_or_else(|e| e.into_inner());
         let skip = except.map(NexusKey::of);
         for (k, s) in map.iter() {
-            if skip.as_ref() != Some(k) {
+            if skip.as_ref() != Some(k) && !s.lost.load(Ordering::Acquire) {
                 s.push(asc);
             }
         }
     }
 
-    /// Establish `asc` for one nexus only if this LU has seen it.
-    pub fn establish_known(&self, n: &Nexus, asc: Asc) {
+    /// Establish `asc` for every known nexus `pred` selects.
+    pub fn establish_matching(&self, pred: impl Fn(&NexusKey) -> bool, asc: Asc) {
+        let map = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        for (k, s) in map.iter() {
+            if pred(k) {
+                s.push(asc);
+            }
+        }
+    }
+
+    /// The frontend lost this I_T nexus: its pending conditions go, and
+    /// device-wide ones (resets, mode or capacity changes) skip it until it
+    /// returns. Reservation conditions (`establish_matching`) still reach
+    /// it, so a preempted initiator learns of it when it reconnects. A
+    /// returning nexus gets no I_T NEXUS LOSS OCCURRED: initiators (and
+    /// libiscsi's conformance tests) expect a fresh login to be usable at
+    /// once, as on Linux LIO.
+    pub fn nexus_lost(&self, n: &Nexus) {
         let map = self.slots.read().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = map.get(n) {
-            s.push(asc);
+            s.lose();
         }
     }
 }
@@ -293,5 +323,23 @@ mod tests {
         t.establish(&b, Asc::REPORTED_LUNS_DATA_CHANGED);
         t.clear(&b, Asc::REPORTED_LUNS_DATA_CHANGED);
         assert_eq!(t.take(&b), None);
+    }
+
+    #[test]
+    fn lost_nexus_skips_device_wide_conditions() {
+        let t = UaTable::new();
+        let (a, b) = (nexus("a"), nexus("b"));
+        t.take(&a);
+        t.take(&b);
+        t.establish_all(Asc::MODE_PARAMETERS_CHANGED, None);
+        t.nexus_lost(&b);
+        t.establish_all(Asc::BUS_DEVICE_RESET, None);
+        t.establish_matching(|k| &*k.initiator == "b", Asc::REGISTRATIONS_PREEMPTED);
+        assert_eq!(t.take(&a), Some(Asc::BUS_DEVICE_RESET));
+        assert_eq!(t.take(&b), Some(Asc::REGISTRATIONS_PREEMPTED));
+        assert_eq!(t.take(&b), None);
+        // Back: device-wide conditions reach it again.
+        t.establish_all(Asc::CAPACITY_DATA_HAS_CHANGED, None);
+        assert_eq!(t.take(&b), Some(Asc::CAPACITY_DATA_HAS_CHANGED));
     }
 }
