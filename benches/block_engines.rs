@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lunmirror::block::file::{EngineKind, FileDev, FileDevOptions};
+use lunmirror::block::file::{EngineKind, FileDev, FileDevOptions, RingUse};
 use lunmirror::block::{BatchOp, BlockDev, WriteFlags};
 
 const FILE_SIZE: u64 = 64 << 20;
@@ -21,7 +21,13 @@ const QD: usize = 32;
 const THREADS: u64 = 4;
 const ALIGN: usize = 4096;
 
-const ENGINES: [EngineKind; 2] = [EngineKind::Sync, EngineKind::IoUring];
+/// (label, engine, ring use): `io_uring` is the default routing (rings for
+/// batches only), `io_uring_always` puts every request on a ring.
+const ENGINES: [(&str, EngineKind, RingUse); 3] = [
+    ("sync", EngineKind::Sync, RingUse::WhereFaster),
+    ("io_uring", EngineKind::IoUring, RingUse::WhereFaster),
+    ("io_uring_always", EngineKind::IoUring, RingUse::Always),
+];
 
 /// A page-aligned buffer (O_DIRECT needs one), without unsafe.
 struct Aligned {
@@ -61,7 +67,7 @@ impl Offsets {
 }
 
 /// Open (and on first use fill, so that nothing reads holes) the bench file.
-fn open(path: &Path, engine: EngineKind, direct: bool) -> FileDev {
+fn open(path: &Path, (_, engine, ring): (&str, EngineKind, RingUse), direct: bool) -> FileDev {
     let fresh = !path.exists();
     let dev = FileDev::open(
         path,
@@ -74,6 +80,7 @@ fn open(path: &Path, engine: EngineKind, direct: bool) -> FileDev {
     )
     .expect("open bench file");
     assert_eq!(dev.engine(), engine, "engine unavailable");
+    dev.set_ring_use(ring);
     if fresh {
         let mut buf = Aligned::new(SEQ, 0x5A);
         for (i, b) in buf.get_mut().iter_mut().enumerate() {
@@ -98,10 +105,11 @@ fn bench_engines(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("rand4k_read_qd1_{mode}"));
         g.throughput(Throughput::Bytes(BLOCK as u64));
         for engine in ENGINES {
+            let label = engine.0;
             let dev = open(&path, engine, direct);
             let mut buf = Aligned::new(BLOCK, 0);
             let mut offs = Offsets(0x1234_5678);
-            g.bench_function(BenchmarkId::from_parameter(engine), |b| {
+            g.bench_function(BenchmarkId::from_parameter(label), |b| {
                 b.iter(|| {
                     dev.read_at(buf.get_mut(), offs.next(BLOCK as u64))
                         .expect("read")
@@ -113,10 +121,11 @@ fn bench_engines(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("rand4k_write_qd1_{mode}"));
         g.throughput(Throughput::Bytes(BLOCK as u64));
         for engine in ENGINES {
+            let label = engine.0;
             let dev = open(&path, engine, direct);
             let buf = Aligned::new(BLOCK, 0xA5);
             let mut offs = Offsets(0x8765_4321);
-            g.bench_function(BenchmarkId::from_parameter(engine), |b| {
+            g.bench_function(BenchmarkId::from_parameter(label), |b| {
                 b.iter(|| {
                     dev.write_at(buf.get(), offs.next(BLOCK as u64), WriteFlags::default())
                         .expect("write")
@@ -128,10 +137,11 @@ fn bench_engines(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("rand4k_read_qd32_batch_{mode}"));
         g.throughput(Throughput::Bytes((BLOCK * QD) as u64));
         for engine in ENGINES {
+            let label = engine.0;
             let dev = open(&path, engine, direct);
             let mut bufs: Vec<Aligned> = (0..QD).map(|_| Aligned::new(BLOCK, 0)).collect();
             let mut offs = Offsets(0x0BAD_CAFE);
-            g.bench_function(BenchmarkId::from_parameter(engine), |b| {
+            g.bench_function(BenchmarkId::from_parameter(label), |b| {
                 b.iter(|| {
                     let mut ops: Vec<BatchOp<'_>> = bufs
                         .iter_mut()
@@ -151,10 +161,11 @@ fn bench_engines(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("rand4k_write_qd32_batch_{mode}"));
         g.throughput(Throughput::Bytes((BLOCK * QD) as u64));
         for engine in ENGINES {
+            let label = engine.0;
             let dev = open(&path, engine, direct);
             let bufs: Vec<Aligned> = (0..QD).map(|i| Aligned::new(BLOCK, i as u8)).collect();
             let mut offs = Offsets(0xFEED_F00D);
-            g.bench_function(BenchmarkId::from_parameter(engine), |b| {
+            g.bench_function(BenchmarkId::from_parameter(label), |b| {
                 b.iter(|| {
                     let mut ops: Vec<BatchOp<'_>> = bufs
                         .iter()
@@ -176,8 +187,9 @@ fn bench_engines(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("rand4k_read_{THREADS}threads_{mode}"));
         g.throughput(Throughput::Bytes(BLOCK as u64));
         for engine in ENGINES {
+            let label = engine.0;
             let dev = Arc::new(open(&path, engine, direct));
-            g.bench_function(BenchmarkId::from_parameter(engine), |b| {
+            g.bench_function(BenchmarkId::from_parameter(label), |b| {
                 b.iter_custom(|iters| {
                     let per_thread = iters.div_ceil(THREADS);
                     let start = Instant::now();
@@ -207,10 +219,11 @@ fn bench_engines(c: &mut Criterion) {
             let mut g = c.benchmark_group(format!("{name}_{mode}"));
             g.throughput(Throughput::Bytes(SEQ as u64));
             for engine in ENGINES {
+                let label = engine.0;
                 let dev = open(&path, engine, direct);
                 let mut buf = Aligned::new(SEQ, 0x3C);
                 let mut off = 0u64;
-                g.bench_function(BenchmarkId::from_parameter(engine), |b| {
+                g.bench_function(BenchmarkId::from_parameter(label), |b| {
                     b.iter(|| {
                         if write {
                             dev.write_at(buf.get(), off, WriteFlags::default())

@@ -4,7 +4,11 @@
 //!
 //! * [`EngineKind::IoUring`] — `IORING_OP_READ`/`WRITE` on a pool of small
 //!   per-device rings, one ring per concurrent caller, the device's file
-//!   registered in each (see `file/uring.rs` for why that layout);
+//!   registered in each. Rings carry the batches ([`BlockDev::submit_batch`])
+//!   where many requests in flight pay; lone requests and buffered writes,
+//!   which measured faster as plain syscalls, take `pread`/`pwrite` unless
+//!   [`RingUse::Always`] is set (see `file/uring.rs` for the layout and the
+//!   measurements);
 //! * [`EngineKind::Sync`] — positional `pread`/`pwrite`, for tests and as the
 //!   fallback when io_uring cannot be set up (seccomp, `io_uring_disabled`,
 //!   old kernels, memory limits). [`EngineKind::Auto`] tries io_uring and
@@ -145,6 +149,22 @@ pub struct FileDev {
     zero_range: AtomicBool,
     /// A warning about a missing ring was already logged.
     ring_fallback_warned: AtomicBool,
+    /// Opened with `O_DIRECT`.
+    direct: bool,
+    /// [`RingUse::Always`] is in force.
+    ring_always: AtomicBool,
+}
+
+/// Which requests the io_uring engine puts on a ring.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RingUse {
+    /// Only where a ring was measured to beat plain syscalls: batches of
+    /// more than one request, except buffered writes (see the module doc).
+    /// Single requests and buffered writes take `pread`/`pwrite`.
+    #[default]
+    WhereFaster,
+    /// Every request goes through a ring (for measurements and tests).
+    Always,
 }
 
 mod ioctl {
@@ -244,6 +264,8 @@ impl FileDev {
             caps,
             zero_range: AtomicBool::new(true),
             ring_fallback_warned: AtomicBool::new(false),
+            direct: opts.direct,
+            ring_always: AtomicBool::new(false),
         })
     }
 
@@ -252,6 +274,22 @@ impl FileDev {
         match self.engine {
             Engine::Sync => EngineKind::Sync,
             Engine::IoUring(_) => EngineKind::IoUring,
+        }
+    }
+
+    /// Choose which requests the io_uring engine puts on a ring (no effect
+    /// on the sync engine).
+    pub fn set_ring_use(&self, ring_use: RingUse) {
+        self.ring_always
+            .store(ring_use == RingUse::Always, Ordering::Relaxed);
+    }
+
+    /// Which requests the io_uring engine puts on a ring.
+    pub fn ring_use(&self) -> RingUse {
+        if self.ring_always.load(Ordering::Relaxed) {
+            RingUse::Always
+        } else {
+            RingUse::WhereFaster
         }
     }
 
@@ -274,20 +312,31 @@ impl FileDev {
 
     /// Run ops whose slot is still empty on the device's engine.
     fn run(&self, ops: &mut [BatchOp<'_>], slots: &mut [Slot]) {
-        match &self.engine {
-            Engine::Sync => sync::run(self.sync_files(), ops, slots),
-            Engine::IoUring(uring) => {
-                if let Err(error) = uring.run(ops, slots) {
-                    if !self.ring_fallback_warned.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            path = %self.path.display(),
-                            %error,
-                            "cannot set up another io_uring; running such requests on pread/pwrite"
-                        );
-                    }
-                    sync::run(self.sync_files(), ops, slots);
-                }
+        let Engine::IoUring(uring) = &self.engine else {
+            return sync::run(self.sync_files(), ops, slots, sync::Which::All);
+        };
+        if !self.ring_always.load(Ordering::Relaxed) {
+            // A lone request gains nothing from a ring: the caller blocks
+            // either way, and the syscall is cheaper (module doc).
+            let pending = slots.iter().filter(|s| s.result.is_none()).count();
+            if pending <= 1 {
+                return sync::run(self.sync_files(), ops, slots, sync::Which::All);
             }
+            // Buffered writes on filesystems without async buffered writes
+            // (ext4) are punted to io-wq workers: slower than pwrite.
+            if !self.direct {
+                sync::run(self.sync_files(), ops, slots, sync::Which::Writes);
+            }
+        }
+        if let Err(error) = uring.run(ops, slots) {
+            if !self.ring_fallback_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    %error,
+                    "cannot set up another io_uring; running such requests on pread/pwrite"
+                );
+            }
+            sync::run(self.sync_files(), ops, slots, sync::Which::All);
         }
     }
 

@@ -70,11 +70,19 @@ pub(super) fn write(files: SyncFiles<'_>, buf: &[u8], offset: u64, fua: bool) ->
     Ok(())
 }
 
+/// Which ops of a batch [`run`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Which {
+    All,
+    Writes,
+}
+
 /// Run a batch one op after another. Ops whose slot already has a result
-/// (rejected before reaching the engine) are skipped.
-pub(super) fn run(files: SyncFiles<'_>, ops: &mut [BatchOp<'_>], slots: &mut [Slot]) {
+/// (rejected before reaching the engine, or done elsewhere) are skipped.
+pub(super) fn run(files: SyncFiles<'_>, ops: &mut [BatchOp<'_>], slots: &mut [Slot], which: Which) {
     for (op, slot) in ops.iter_mut().zip(slots.iter_mut()) {
-        if slot.result.is_some() {
+        let wanted = which == Which::All || matches!(op, BatchOp::Write { .. });
+        if slot.result.is_some() || !wanted {
             continue;
         }
         slot.result = Some(match op {

@@ -34,11 +34,34 @@ fn opts(engine: EngineKind) -> FileDevOptions {
     }
 }
 
+/// An engine configuration the suite runs against.
+#[derive(Debug, Clone, Copy)]
+struct Cfg {
+    engine: EngineKind,
+    ring: RingUse,
+}
+
+/// `FileDev::open` with the engine and ring use of `cfg`.
+fn open_cfg(cfg: Cfg, path: &Path, o: FileDevOptions) -> BlockResult<FileDev> {
+    let dev = FileDev::open(
+        path,
+        FileDevOptions {
+            engine: cfg.engine,
+            ..o
+        },
+    )?;
+    dev.set_ring_use(cfg.ring);
+    assert_eq!(dev.ring_use(), cfg.ring);
+    Ok(dev)
+}
+
 /// A fresh sparse backing file of `size` bytes in its own temp dir.
-fn new_dev(engine: EngineKind, size: u64) -> (tempfile::TempDir, PathBuf, FileDev) {
+fn new_dev(cfg: Cfg, size: u64) -> (tempfile::TempDir, PathBuf, FileDev) {
+    let engine = cfg.engine;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("dev.img");
-    let dev = FileDev::open(
+    let dev = open_cfg(
+        cfg,
         &path,
         FileDevOptions {
             create_size: Some(size),
@@ -132,9 +155,9 @@ fn make_dirty(dev: &FileDev, path: &Path, offset: u64, data: &[u8]) -> bool {
 
 // ---------------------------------------------------------------- the suite
 
-fn read_write_roundtrip(engine: EngineKind) {
+fn read_write_roundtrip(cfg: Cfg) {
     let size = 4 * MIB;
-    let (_dir, path, dev) = new_dev(engine, size);
+    let (_dir, path, dev) = new_dev(cfg, size);
     let mut model = vec![0u8; size as usize];
     assert_eq!(
         read_vec(&dev, 0, size as usize),
@@ -170,8 +193,8 @@ fn read_write_roundtrip(engine: EngineKind) {
         .expect("empty write at end");
 }
 
-fn fua_write_is_durable(engine: EngineKind) {
-    let (_dir, path, dev) = new_dev(engine, 4 * MIB);
+fn fua_write_is_durable(cfg: Cfg) {
+    let (_dir, path, dev) = new_dev(cfg, 4 * MIB);
     let data = pattern(3, 64 * KIB as usize);
     if !make_dirty(&dev, &path, 0, &data) {
         return;
@@ -188,8 +211,8 @@ fn fua_write_is_durable(engine: EngineKind) {
     assert!(unclean_pages(&path, 0, data.len() as u64).is_some());
 }
 
-fn flush_cleans_dirty_pages(engine: EngineKind) {
-    let (_dir, path, dev) = new_dev(engine, 4 * MIB);
+fn flush_cleans_dirty_pages(cfg: Cfg) {
+    let (_dir, path, dev) = new_dev(cfg, 4 * MIB);
     let data = pattern(4, 256 * KIB as usize);
     if !make_dirty(&dev, &path, MIB, &data) {
         return;
@@ -202,9 +225,9 @@ fn flush_cleans_dirty_pages(engine: EngineKind) {
     );
 }
 
-fn discard_reads_zeroes(engine: EngineKind) {
+fn discard_reads_zeroes(cfg: Cfg) {
     let size = MIB;
-    let (_dir, _path, dev) = new_dev(engine, size);
+    let (_dir, _path, dev) = new_dev(cfg, size);
     assert!(
         dev.caps().discard,
         "punch-hole probe failed on the temp filesystem"
@@ -230,9 +253,9 @@ fn discard_reads_zeroes(engine: EngineKind) {
     dev.discard(0, 0).expect("empty discard");
 }
 
-fn write_zeroes_zeroes(engine: EngineKind) {
+fn write_zeroes_zeroes(cfg: Cfg) {
     let size = 4 * MIB;
-    let (_dir, _path, dev) = new_dev(engine, size);
+    let (_dir, _path, dev) = new_dev(cfg, size);
     let mut model = pattern(6, size as usize);
     dev.write_at(&model, 0, WriteFlags::default())
         .expect("write");
@@ -257,9 +280,9 @@ fn write_zeroes_zeroes(engine: EngineKind) {
     assert_eq!(read_vec(&dev, 0, size as usize), model);
 }
 
-fn allocation_status(engine: EngineKind) {
+fn allocation_status(cfg: Cfg) {
     let size = MIB;
-    let (_dir, _path, dev) = new_dev(engine, size);
+    let (_dir, _path, dev) = new_dev(cfg, size);
     assert!(dev.caps().allocation_status);
     assert_eq!(dev.allocation(0, size).expect("alloc"), (false, size));
     dev.write_at(&pattern(7, 4096), 256 * KIB, WriteFlags::default())
@@ -287,9 +310,9 @@ fn allocation_status(engine: EngineKind) {
     assert_eq!(dev.allocation(size, 0).expect("empty"), (true, 0));
 }
 
-fn out_of_range_is_refused(engine: EngineKind) {
+fn out_of_range_is_refused(cfg: Cfg) {
     let size = 64 * KIB;
-    let (_dir, _path, dev) = new_dev(engine, size);
+    let (_dir, _path, dev) = new_dev(cfg, size);
     let oor = |r: BlockResult<()>| matches!(r, Err(BlockError::OutOfRange { .. }));
     let mut buf = vec![0u8; 20];
     assert!(oor(dev.read_at(&mut buf, size - 10)));
@@ -307,12 +330,12 @@ fn out_of_range_is_refused(engine: EngineKind) {
     assert_eq!(read_vec(&dev, 0, size as usize), vec![0u8; size as usize]);
 }
 
-fn concurrent_writers(engine: EngineKind) {
+fn concurrent_writers(cfg: Cfg) {
     const THREADS: u64 = 8;
     const BLOCKS: u64 = 64 * THREADS;
     const BLOCK: usize = 4096;
     const ROUNDS: u64 = 4;
-    let (_dir, _path, dev) = new_dev(engine, BLOCKS * BLOCK as u64);
+    let (_dir, _path, dev) = new_dev(cfg, BLOCKS * BLOCK as u64);
     let dev = Arc::new(dev);
     let seed = |round: u64, block: u64| round * 1_000_003 + block;
 
@@ -320,19 +343,53 @@ fn concurrent_writers(engine: EngineKind) {
         .map(|t| {
             let dev = Arc::clone(&dev);
             std::thread::spawn(move || {
+                let mine: Vec<u64> = (t..BLOCKS).step_by(THREADS as usize).collect();
                 for round in 0..ROUNDS {
                     // Interleaved blocks, so neighbouring blocks belong to
-                    // different threads.
-                    for block in (t..BLOCKS).step_by(THREADS as usize) {
-                        let data = pattern(seed(round, block), BLOCK);
-                        let offset = block * BLOCK as u64;
-                        let flags = WriteFlags {
-                            fua: block % 16 == 0,
-                        };
-                        dev.write_at(&data, offset, flags).expect("write");
-                        let mut back = vec![0u8; BLOCK];
-                        dev.read_at(&mut back, offset).expect("read");
-                        assert_eq!(back, data, "thread {t} block {block} round {round}");
+                    // different threads. Even threads write one block per
+                    // call, odd threads their whole share as one batch.
+                    let datas: Vec<Vec<u8>> = mine
+                        .iter()
+                        .map(|&b| pattern(seed(round, b), BLOCK))
+                        .collect();
+                    let flags = |block: u64| WriteFlags {
+                        fua: block % 16 == 0,
+                    };
+                    if t % 2 == 0 {
+                        for (&block, data) in mine.iter().zip(&datas) {
+                            let offset = block * BLOCK as u64;
+                            dev.write_at(data, offset, flags(block)).expect("write");
+                            let mut back = vec![0u8; BLOCK];
+                            dev.read_at(&mut back, offset).expect("read");
+                            assert_eq!(&back, data, "thread {t} block {block} round {round}");
+                        }
+                    } else {
+                        let mut ops: Vec<BatchOp<'_>> = mine
+                            .iter()
+                            .zip(&datas)
+                            .map(|(&block, data)| BatchOp::Write {
+                                buf: data,
+                                offset: block * BLOCK as u64,
+                                flags: flags(block),
+                            })
+                            .collect();
+                        for r in dev.submit_batch(&mut ops) {
+                            r.expect("batch write");
+                        }
+                        let mut backs = vec![vec![0u8; BLOCK]; mine.len()];
+                        let mut ops: Vec<BatchOp<'_>> = mine
+                            .iter()
+                            .zip(backs.iter_mut())
+                            .map(|(&block, buf)| BatchOp::Read {
+                                buf,
+                                offset: block * BLOCK as u64,
+                            })
+                            .collect();
+                        for r in dev.submit_batch(&mut ops) {
+                            r.expect("batch read");
+                        }
+                        drop(ops);
+                        assert!(backs == datas, "thread {t} round {round}: batch read back");
                     }
                 }
             })
@@ -351,9 +408,9 @@ fn concurrent_writers(engine: EngineKind) {
     }
 }
 
-fn short_backing_file_reads_zeroes(engine: EngineKind) {
+fn short_backing_file_reads_zeroes(cfg: Cfg) {
     let size = 64 * KIB;
-    let (_dir, path, dev) = new_dev(engine, size);
+    let (_dir, path, dev) = new_dev(cfg, size);
     let data = pattern(8, size as usize);
     dev.write_at(&data, 0, WriteFlags::default())
         .expect("write");
@@ -380,15 +437,17 @@ fn short_backing_file_reads_zeroes(engine: EngineKind) {
     assert_eq!(read_vec(&dev, size - 200, 100), vec![0u8; 100]);
 }
 
-fn read_only_refuses_writes(engine: EngineKind) {
+fn read_only_refuses_writes(cfg: Cfg) {
+    let engine = cfg.engine;
     let size = 64 * KIB;
-    let (_dir, path, rw) = new_dev(engine, size);
+    let (_dir, path, rw) = new_dev(cfg, size);
     let data = pattern(9, 4096);
     rw.write_at(&data, 4096, WriteFlags::default())
         .expect("write");
     drop(rw);
 
-    let dev = FileDev::open(
+    let dev = open_cfg(
+        cfg,
         &path,
         FileDevOptions {
             read_only: true,
@@ -419,12 +478,12 @@ fn read_only_refuses_writes(engine: EngineKind) {
         .expect("flush of a read-only device is harmless");
 }
 
-fn batches_complete_every_op(engine: EngineKind) {
+fn batches_complete_every_op(cfg: Cfg) {
     const BLOCK: usize = 4096;
     // More ops than one ring holds, so the io_uring engine refills its queue.
     const OPS: usize = 3 * RING_ENTRIES as usize + 7;
     let size = (OPS * BLOCK) as u64;
-    let (_dir, _path, dev) = new_dev(engine, size);
+    let (_dir, _path, dev) = new_dev(cfg, size);
     let datas: Vec<Vec<u8>> = (0..OPS).map(|i| pattern(100 + i as u64, BLOCK)).collect();
     // Reverse block order, so completion order cannot be index order by luck.
     let offset = |i: usize| ((OPS - 1 - i) * BLOCK) as u64;
@@ -480,11 +539,13 @@ fn batches_complete_every_op(engine: EngineKind) {
     assert!(dev.submit_batch(&mut []).is_empty());
 }
 
-fn direct_io_roundtrip(engine: EngineKind) {
+fn direct_io_roundtrip(cfg: Cfg) {
+    let engine = cfg.engine;
     const ALIGN: usize = 4096;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("direct.img");
-    let dev = match FileDev::open(
+    let dev = match open_cfg(
+        cfg,
         &path,
         FileDevOptions {
             direct: true,
@@ -503,11 +564,11 @@ fn direct_io_roundtrip(engine: EngineKind) {
     let len = 64 * KIB as usize;
     // An aligned window into an over-allocated buffer (no unsafe needed).
     let mut wbuf = vec![0u8; len + ALIGN];
-    let start = wbuf.as_ptr().align_offset(ALIGN);
+    let start_w = wbuf.as_ptr().align_offset(ALIGN);
     let data = pattern(10, len);
-    wbuf[start..start + len].copy_from_slice(&data);
+    wbuf[start_w..start_w + len].copy_from_slice(&data);
     dev.write_at(
-        &wbuf[start..start + len],
+        &wbuf[start_w..start_w + len],
         128 * KIB,
         WriteFlags { fua: true },
     )
@@ -517,18 +578,56 @@ fn direct_io_roundtrip(engine: EngineKind) {
     dev.read_at(&mut rbuf[start..start + len], 128 * KIB)
         .expect("direct read");
     assert_eq!(&rbuf[start..start + len], data.as_slice());
+
+    // A batch of aligned 4 KiB blocks: in flight together on io_uring.
+    let mut ops: Vec<BatchOp<'_>> = rbuf[start..start + len]
+        .chunks_mut(ALIGN)
+        .enumerate()
+        .map(|(i, buf)| BatchOp::Read {
+            buf,
+            offset: 128 * KIB + ((i * ALIGN) as u64 ^ 4096),
+        })
+        .collect();
+    for r in dev.submit_batch(&mut ops) {
+        r.expect("direct batch read");
+    }
+    drop(ops);
+    for (i, got) in rbuf[start..start + len].chunks(ALIGN).enumerate() {
+        let j = (i * ALIGN) ^ 4096;
+        assert_eq!(got, &data[j..j + ALIGN], "block {i}");
+    }
+    let wdata = pattern(16, len);
+    wbuf[start_w..start_w + len].copy_from_slice(&wdata);
+    let mut ops: Vec<BatchOp<'_>> = wbuf[start_w..start_w + len]
+        .chunks(ALIGN)
+        .enumerate()
+        .map(|(i, buf)| BatchOp::Write {
+            buf,
+            offset: 512 * KIB + (i * ALIGN) as u64,
+            flags: WriteFlags { fua: i == 0 },
+        })
+        .collect();
+    for r in dev.submit_batch(&mut ops) {
+        r.expect("direct batch write");
+    }
+    dev.read_at(&mut rbuf[start..start + len], 512 * KIB)
+        .expect("direct read");
+    assert_eq!(&rbuf[start..start + len], wdata.as_slice());
 }
 
-fn create_size_and_missing_file(engine: EngineKind) {
+fn create_size_and_missing_file(cfg: Cfg) {
+    let engine = cfg.engine;
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("missing.img");
     assert!(matches!(
-        FileDev::open(&missing, opts(engine)),
+        open_cfg(
+        cfg,&missing, opts(engine)),
         Err(BlockError::Io(e)) if e.kind() == io::ErrorKind::NotFound
     ));
     let existing = dir.path().join("existing.img");
     std::fs::write(&existing, pattern(11, 8192)).expect("write file");
-    let dev = FileDev::open(
+    let dev = open_cfg(
+        cfg,
         &existing,
         FileDevOptions {
             create_size: Some(MIB),
@@ -546,10 +645,21 @@ fn create_size_and_missing_file(engine: EngineKind) {
 macro_rules! engine_suite {
     ($($name:ident),* $(,)?) => {
         mod sync_engine {
-            $(#[test] fn $name() { super::$name(super::EngineKind::Sync) })*
+            use super::*;
+            const CFG: Cfg = Cfg { engine: EngineKind::Sync, ring: RingUse::WhereFaster };
+            $(#[test] fn $name() { super::$name(CFG) })*
         }
         mod uring_engine {
-            $(#[test] fn $name() { super::$name(super::EngineKind::IoUring) })*
+            use super::*;
+            const CFG: Cfg = Cfg { engine: EngineKind::IoUring, ring: RingUse::WhereFaster };
+            $(#[test] fn $name() { super::$name(CFG) })*
+        }
+        /// Every request on a ring, so that single-request paths (short
+        /// transfers, EOF, FUA flags) are tested on io_uring too.
+        mod uring_engine_ring_always {
+            use super::*;
+            const CFG: Cfg = Cfg { engine: EngineKind::IoUring, ring: RingUse::Always };
+            $(#[test] fn $name() { super::$name(CFG) })*
         }
     };
 }
@@ -617,7 +727,11 @@ fn auto_uses_io_uring_where_it_works() {
 fn a_ring_setup_failure_later_falls_back_per_call() {
     // An engine whose pool is empty and whose new rings fail: requests run on
     // the sync path instead of failing.
-    let (_dir, _path, dev) = new_dev(EngineKind::IoUring, MIB);
+    let cfg = Cfg {
+        engine: EngineKind::IoUring,
+        ring: RingUse::Always,
+    };
+    let (_dir, _path, dev) = new_dev(cfg, MIB);
     let Engine::IoUring(uring) = &dev.engine else {
         panic!("io_uring engine expected");
     };
