@@ -46,9 +46,16 @@ use crate::scsi::{
 pub trait ScsiTarget: Send + Sync {
     fn execute(&self, req: &ScsiRequest<'_>) -> ScsiResponse;
     fn task_management(&self, tmf: TaskMgmt, nexus: &Nexus);
+    /// Logical block size of LUN 0 (sizes the data-out of block commands).
+    fn block_size(&self) -> u32 {
+        512
+    }
 }
 
 impl ScsiTarget for LunMap {
+    fn block_size(&self) -> u32 {
+        self.get(0).map_or(512, |lu| lu.config.block_size)
+    }
     fn execute(&self, req: &ScsiRequest<'_>) -> ScsiResponse {
         LunMap::execute(self, req)
     }
@@ -202,12 +209,27 @@ pub struct Prepared {
     pub expected_in_len: u32,
 }
 
+/// Which way a non-bidirectional command's buffers go: the SCSI core's own
+/// dispatch table decides for every opcode it supports (so transport and
+/// core cannot disagree), `xfer::direction` for the rest.
+pub fn buffer_direction(cdb: &[u8], block_size: u32) -> Direction {
+    match crate::scsi::cdb::data_out_len(cdb, block_size) {
+        Some(n) if n > 0 => Direction::Out,
+        Some(_) => Direction::In,
+        None => direction(cdb),
+    }
+}
+
 /// Gather a command's data-out and work out how much data-in it may get.
-pub fn prepare<M: SharedMem>(ring: &Ring<M>, cmd: Command) -> Result<Prepared, RingError> {
+pub fn prepare<M: SharedMem>(
+    ring: &Ring<M>,
+    cmd: Command,
+    block_size: u32,
+) -> Result<Prepared, RingError> {
     let dir = if cmd.is_bidi() {
         Direction::Out
     } else {
-        direction(&cmd.cdb)
+        buffer_direction(&cmd.cdb, block_size)
     };
     let data_out = match dir {
         Direction::Out => ring.gather(&cmd)?,
@@ -283,12 +305,13 @@ pub fn service_ring<M: SharedMem>(
     target: &dyn ScsiTarget,
     nexus: &Arc<Nexus>,
 ) -> Result<ServicePass, RingError> {
+    let block_size = target.block_size();
     let mut pass = ServicePass::default();
     while let Some(ev) = ring.next_event()? {
         match ev {
             Event::Cmd(cmd) => {
                 pass.commands += 1;
-                let p = prepare(ring, cmd)?;
+                let p = prepare(ring, cmd, block_size)?;
                 let resp = execute(target, nexus, &p);
                 finish(ring, p.cmd, &resp)?;
             }
@@ -380,6 +403,7 @@ impl Pool {
         nexus: &Arc<Nexus>,
         drain: bool,
     ) -> Result<ServicePass, RingError> {
+        let block_size = target.block_size();
         let mut pass = ServicePass::default();
         let mut sink = [0u8; 64];
         while matches!(nix::unistd::read(&self.wake_rx, &mut sink), Ok(n) if n > 0) {}
@@ -401,7 +425,7 @@ impl Pool {
             match ev {
                 Event::Cmd(cmd) => {
                     pass.commands += 1;
-                    let p = prepare(ring, cmd)?;
+                    let p = prepare(ring, cmd, block_size)?;
                     match &self.jobs {
                         Some(tx) => {
                             if let Err(e) = tx.send(p) {

@@ -512,3 +512,24 @@ fn reconfig_with_current_values_is_accepted() {
     );
     assert_eq!(mgr.reconfig_status(99, &Reconfig::Size(1)), -libc::ENODEV);
 }
+
+#[test]
+fn buffer_direction_follows_the_core_table() {
+    assert_eq!(buffer_direction(&write10(0, 1), 512), Direction::Out);
+    assert_eq!(buffer_direction(&read10(0, 1), 512), Direction::In);
+    assert_eq!(buffer_direction(&[0x00, 0, 0, 0, 0, 0], 512), Direction::In);
+    // MODE SELECT(10) with a parameter list, UNMAP: data-out.
+    assert_eq!(
+        buffer_direction(&[0x55, 0x10, 0, 0, 0, 0, 0, 0, 24, 0], 512),
+        Direction::Out
+    );
+    assert_eq!(
+        buffer_direction(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], 512),
+        Direction::Out
+    );
+    // An opcode the core does not know falls back to the frontend's table.
+    assert_eq!(
+        buffer_direction(&[0x3b, 0x02, 0, 0, 0, 0, 0, 0, 8, 0], 512),
+        direction(&[0x3b])
+    );
+}
