@@ -209,14 +209,16 @@ pub struct Prepared {
     pub expected_in_len: u32,
 }
 
-/// Which way a non-bidirectional command's buffers go: the SCSI core's own
-/// dispatch table decides for every opcode it supports (so transport and
-/// core cannot disagree), `xfer::direction` for the rest.
+/// Which way a non-bidirectional command's buffers go. When the SCSI
+/// core's dispatch table says the CDB carries data-out, they are data-out
+/// (transport and core agree); otherwise the opcode decides
+/// (`xfer::direction`): a data-out opcode whose CDB asks for no data (e.g.
+/// COMPARE AND WRITE of 0 blocks) still hands the core what the initiator
+/// sent, so the core can refuse the mismatch.
 pub fn buffer_direction(cdb: &[u8], block_size: u32) -> Direction {
     match crate::scsi::cdb::data_out_len(cdb, block_size) {
         Some(n) if n > 0 => Direction::Out,
-        Some(_) => Direction::In,
-        None => direction(cdb),
+        _ => direction(cdb),
     }
 }
 

@@ -527,6 +527,11 @@ fn buffer_direction_follows_the_core_table() {
         buffer_direction(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], 512),
         Direction::Out
     );
+    // COMPARE AND WRITE of 0 blocks sent with data: still data-out.
+    assert_eq!(
+        buffer_direction(&[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 512),
+        Direction::Out
+    );
     // An opcode the core does not know falls back to the frontend's table.
     assert_eq!(
         buffer_direction(&[0x3b, 0x02, 0, 0, 0, 0, 0, 0, 8, 0], 512),
