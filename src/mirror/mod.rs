@@ -100,6 +100,11 @@ impl MirroredVolume {
         &self.name
     }
 
+    /// Size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
     /// The wrapped primary device.
     pub fn primary(&self) -> &SharedDev {
         &self.primary
