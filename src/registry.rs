@@ -605,9 +605,11 @@ impl Registry {
                 TargetRef::Path(p) => file_id(p),
                 TargetRef::Volume(v) => self.locked().volumes.get(v).and_then(|e| e.id),
             };
-            if let Some(q) = vol.quiesce(self.cfg.quiesce_timeout) {
-                vol.add_association(&q, assoc.clone());
-            }
+            // Before serving I/O nothing is in flight; wait regardless, an
+            // association must never be left out of the write path.
+            let q = vol.locks().lock(0, u64::MAX);
+            vol.add_association(&q, assoc.clone());
+            drop(q);
             let job_alive = s
                 .job
                 .filter(|j| self.jobs.state(*j).is_some_and(|st| !st.is_finished()));

@@ -1432,6 +1432,20 @@ impl Association {
 
     // ---- activity-log housekeeping ----------------------------------------
 
+    /// Whether a housekeeping round could clear anything (idle volumes are
+    /// not flushed for nothing).
+    pub(crate) fn needs_housekeeping(&self) -> bool {
+        let g = self.locked();
+        if !Self::tracks(&g) {
+            return false;
+        }
+        let mut needed = g.oos.clone();
+        if let Some(c) = &g.copy {
+            needed.union_with(&c.pending);
+        }
+        !g.al.is_empty() || g.persisted.count() != needed.count()
+    }
+
     /// Round part 1: remember what must stay marked this round.
     pub(crate) fn housekeep_begin(&self) -> Bitmap {
         let held = self.locks.held_ranges();

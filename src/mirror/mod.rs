@@ -285,7 +285,7 @@ impl MirroredVolume {
     /// this periodically and (twice) at shutdown.
     pub fn housekeep(&self) {
         let list = self.list();
-        if list.is_empty() {
+        if !list.iter().any(|a| a.needs_housekeeping()) {
             return;
         }
         let keeps: Vec<_> = list.iter().map(|a| a.housekeep_begin()).collect();
