@@ -914,6 +914,22 @@ impl Registry {
                     ),
                 );
             }
+            let dormant = g.dormant.iter().find(|d| {
+                d.target == tref
+                    || match &d.target {
+                        TargetRef::Path(p) => tid.is_some() && file_id(p) == tid,
+                        TargetRef::Volume(_) => false,
+                    }
+            });
+            if let Some(d) = dormant {
+                return MethodResult::err(
+                    ReturnValue::InUse,
+                    format!(
+                        "TargetElement {target} belongs to the dormant {}",
+                        sync_instance_id(d.id)
+                    ),
+                );
+            }
         }
         let replica = match self.open_replica(&tref) {
             Ok(d) => d,
@@ -1072,16 +1088,13 @@ impl Registry {
                 format!("invalid Synchronization {sync:?}"),
             );
         };
-        let Some((assoc, source, job)) = self
+        let found = self
             .locked()
             .assocs
             .get(&id)
-            .map(|e| (e.assoc.clone(), e.source.clone(), e.job))
-        else {
-            return MethodResult::err(
-                ReturnValue::InvalidParameter,
-                format!("unknown Synchronization {sync}"),
-            );
+            .map(|e| (e.assoc.clone(), e.source.clone(), e.job));
+        let Some((assoc, source, job)) = found else {
+            return self.modify_dormant(id, matches!(op, Op::Detach));
         };
         let Some(vol) = self.volume(&source) else {
             return MethodResult::err(ReturnValue::Unspecified, "source volume vanished");
@@ -1163,6 +1176,35 @@ impl Registry {
             result.job = Some(job_instance_id(job));
         }
         self.saved_or_2(result)
+    }
+
+    /// ModifySynchronization on an association whose source volume is not
+    /// configured: only Detach (forget it and its state) is possible.
+    fn modify_dormant(&self, id: u64, detach: bool) -> MethodResult {
+        let mut g = self.locked();
+        let Some(pos) = g.dormant.iter().position(|s| s.id == id) else {
+            return MethodResult::err(
+                ReturnValue::InvalidParameter,
+                format!("unknown Synchronization {}", sync_instance_id(id)),
+            );
+        };
+        if !detach {
+            return MethodResult::err(
+                ReturnValue::InvalidParameter,
+                "the source volume of this association is not configured; only Detach is possible",
+            );
+        }
+        g.dormant.remove(pos);
+        drop(g);
+        let dir = self.state_dir.join(format!("sync-{id}"));
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(sync = id, error = %e, "cannot remove association state");
+            }
+        }
+        let mut r = MethodResult::ok(ReturnValue::Completed);
+        r.synchronization = Some(sync_instance_id(id));
+        self.saved_or_2(r)
     }
 
     fn saved_or_2(&self, r: MethodResult) -> MethodResult {

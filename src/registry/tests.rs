@@ -456,3 +456,35 @@ fn state_survives_restart_and_async_resumes() {
     assert_eq!(r.job.as_deref(), Some("lunmirror:2"));
     reg.shutdown();
 }
+
+#[test]
+fn association_of_an_unconfigured_volume_stays_dormant_until_detached() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let target = file(dir.path(), "r.img", 2 * MB);
+    {
+        let reg = Registry::open_with(&state, cfg()).unwrap();
+        let vol = MirroredVolume::new("old", Arc::new(MemDev::new(2 * MB)));
+        reg.add_volume("old", &dir.path().join("old"), vol, true)
+            .unwrap();
+        reg.resume();
+        let r = reg.attach_replica("old", &target, 3);
+        reg.wait_job(&r.job.unwrap(), Duration::from_secs(10));
+        reg.shutdown();
+    }
+    let reg = Registry::open_with(&state, cfg()).unwrap();
+    reg.resume();
+    let s = reg.enumerate_synchronized();
+    assert_eq!((s.len(), s[0].sync_state), (1, 12));
+    // Still remembered: its target stays in use.
+    let vol = MirroredVolume::new("new", Arc::new(MemDev::new(2 * MB)));
+    reg.add_volume("new", &dir.path().join("new"), vol, true)
+        .unwrap();
+    assert_eq!(rv(&reg.attach_replica("new", &target, 3)), 6);
+    assert_eq!(rv(&reg.modify_synchronization(4, &s[0].synchronization)), 5);
+    assert_eq!(rv(&reg.modify_synchronization(2, &s[0].synchronization)), 0);
+    assert!(reg.enumerate_synchronized().is_empty());
+    assert!(!state.join("sync-1").exists());
+    assert_eq!(rv(&reg.attach_replica("new", &target, 3)), 4096);
+    reg.shutdown();
+}
