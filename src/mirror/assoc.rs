@@ -332,6 +332,15 @@ pub enum ResumeAction {
 /// How long `stop` waits for a shipper stuck in replica I/O.
 const SHIPPER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The shipper thread's handle, and whether it is (still) committed to
+/// running. The thread clears `alive` under this lock when it decides to
+/// exit, so a concurrent restart either keeps it or spawns a new one.
+#[derive(Default)]
+struct ShipperSlot {
+    handle: Option<JoinHandle<()>>,
+    alive: bool,
+}
+
 /// Called (with the association id) after asynchronous state changes, so
 /// the registry can persist them.
 pub type Notify = Arc<dyn Fn(u64) + Send + Sync>;
@@ -350,7 +359,7 @@ pub struct Association {
     inner: Mutex<Inner>,
     bitmap: Mutex<BitmapFile>,
     io: ReplicaIo,
-    shipper: Mutex<Option<JoinHandle<()>>>,
+    shipper: Mutex<ShipperSlot>,
     stopping: AtomicBool,
     notify: Notify,
 }
@@ -425,7 +434,7 @@ impl Association {
             }),
             bitmap: Mutex::new(bitmap),
             io,
-            shipper: Mutex::new(None),
+            shipper: Mutex::new(ShipperSlot::default()),
             stopping: AtomicBool::new(false),
             notify: s.notify,
         })
@@ -1359,24 +1368,38 @@ impl Association {
             return;
         };
         let mut slot = self.shipper.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = slot.take() {
-            if !h.is_finished() {
-                *slot = Some(h);
-                return;
-            }
-            let _ = h.join();
+        if slot.alive {
+            return;
+        }
+        if let Some(old) = slot.handle.take() {
+            // It has decided to exit; joining is quick.
+            let _ = old.join();
         }
         let me = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name(format!("shipper-{}", self.id))
             .spawn(move || ship_loop(me, journal));
         match spawned {
-            Ok(h) => *slot = Some(h),
+            Ok(h) => {
+                slot.handle = Some(h);
+                slot.alive = true;
+            }
             Err(e) => {
                 drop(slot);
                 self.fail(format!("cannot start shipper: {e}"));
             }
         }
+    }
+
+    /// Called by the shipper when it wants to stop: true (and no longer
+    /// alive) unless shipping was re-enabled meanwhile.
+    fn shipper_may_exit(&self, journal: &Journal) -> bool {
+        let mut slot = self.shipper.lock().unwrap_or_else(|e| e.into_inner());
+        if journal.is_shipping() && !self.stopping.load(Ordering::SeqCst) {
+            return false;
+        }
+        slot.alive = false;
+        true
     }
 
     fn stop_shipper(&self) {
@@ -1387,6 +1410,7 @@ impl Association {
             .shipper
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .handle
             .take();
         if let Some(h) = h {
             // A shipper stuck in a hung replica write cannot be interrupted;
@@ -1558,8 +1582,8 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
     loop {
         let next = journal.next_pending(Duration::from_millis(100));
         let Some(a) = me.upgrade() else { return };
-        if a.stopping.load(Ordering::SeqCst) && next.is_none() {
-            break;
+        if a.stopping.load(Ordering::SeqCst) && next.is_none() && a.shipper_may_exit(&journal) {
+            return;
         }
         let checkpoint = |a: &Association, records: &mut u64, bytes: &mut u64| -> bool {
             if *records == 0 {
@@ -1580,10 +1604,15 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             if !journal.is_shipping() {
                 // Stopped: leave the journal as it is for the next start.
                 let _ = checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes);
-                return;
+                if a.shipper_may_exit(&journal) {
+                    return;
+                }
+                continue;
             }
             // Idle: make the applied position durable.
-            if !checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes) {
+            if !checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes)
+                && a.shipper_may_exit(&journal)
+            {
                 return;
             }
             last_ckpt = Instant::now();
@@ -1614,7 +1643,10 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
         };
         if let Err(why) = res {
             a.fail(why);
-            return;
+            if a.shipper_may_exit(&journal) {
+                return;
+            }
+            continue;
         }
         journal.mark_applied(p.seq);
         unflushed_records += 1;
@@ -1623,7 +1655,9 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             || unflushed_bytes >= a.policy.checkpoint_bytes
             || last_ckpt.elapsed() >= a.policy.checkpoint_interval;
         if due {
-            if !checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes) {
+            if !checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes)
+                && a.shipper_may_exit(&journal)
+            {
                 return;
             }
             last_ckpt = Instant::now();
