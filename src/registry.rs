@@ -716,8 +716,10 @@ impl Registry {
         let control = self.jobs.control(job).unwrap_or_default();
         self.jobs.set_state(job, JobState::Running);
         self.mark_dirty();
-        let remove;
-        loop {
+        // The association is removed (UnSyncUnAssoc) before the job is
+        // reported finished, so a client that saw the job end sees the
+        // final set of associations.
+        let (state, error, remove) = loop {
             if self.stopping.load(Ordering::SeqCst) {
                 // Left Running in the persisted state: resumed (or failed)
                 // at the next start.
@@ -727,14 +729,12 @@ impl Registry {
                 JobRequest::Terminate | JobRequest::Kill => {
                     let killed = control.current() == JobRequest::Kill;
                     let end = assoc.abort_copy("copy job terminated by request");
-                    remove = end == CopyEnd::Remove;
                     let st = if killed {
                         JobState::Killed
                     } else {
                         JobState::Terminated
                     };
-                    self.jobs.finish(job, st, None);
-                    break;
+                    break (st, None, end == CopyEnd::Remove);
                 }
                 JobRequest::Suspend => {
                     self.jobs.set_state(job, JobState::Suspended);
@@ -753,28 +753,28 @@ impl Registry {
                 }
                 Ok(CopyStep::Waiting) => std::thread::sleep(Duration::from_millis(5)),
                 Ok(CopyStep::Done) => {
-                    match assoc.finish_copy() {
-                        Ok(end) => {
-                            remove = end == CopyEnd::Remove;
-                            self.jobs.finish(job, JobState::Completed, None);
-                        }
-                        Err(e) => {
-                            remove = assoc.copy_type() == CopyType::UnSyncUnAssoc;
-                            self.jobs.finish(job, JobState::Exception, Some(e.0));
-                        }
-                    }
-                    break;
+                    break match assoc.finish_copy() {
+                        Ok(end) => (JobState::Completed, None, end == CopyEnd::Remove),
+                        Err(e) => (
+                            JobState::Exception,
+                            Some(e.0),
+                            assoc.copy_type() == CopyType::UnSyncUnAssoc,
+                        ),
+                    };
                 }
                 Err(e) => {
-                    remove = assoc.copy_type() == CopyType::UnSyncUnAssoc;
-                    self.jobs.finish(job, JobState::Exception, Some(e.0));
-                    break;
+                    break (
+                        JobState::Exception,
+                        Some(e.0),
+                        assoc.copy_type() == CopyType::UnSyncUnAssoc,
+                    );
                 }
             }
-        }
+        };
         if remove {
             self.remove_association(sync);
         }
+        self.jobs.finish(job, state, error);
         self.mark_dirty();
     }
 

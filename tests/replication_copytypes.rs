@@ -248,7 +248,9 @@ fn every_attach_return_value_over_the_socket() {
     stuck.set_gate(true);
     let v2 = stuck_vol.clone();
     let h = std::thread::spawn(move || v2.write_at(b"held", 0, WriteFlags::default()));
-    std::thread::sleep(Duration::from_millis(20));
+    while stuck_vol.locks().held_ranges().is_empty() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(rv(&mut c, "stuck", &t2, 3), 3);
     stuck.set_gate(false);
     h.join().unwrap().unwrap();

@@ -859,6 +859,15 @@ mod tests {
         ));
         assert!(t.elapsed() >= Duration::from_millis(50));
         // Applying frees space for a waiting writer.
+        drop(j);
+        let dir = tempfile::tempdir().unwrap();
+        let patient = JournalConfig {
+            throttle_timeout: Duration::from_secs(30),
+            ..cfg(300, 1 << 20)
+        };
+        let (j, _) = Journal::open(dir.path(), patient).unwrap();
+        j.append(RecordKind::Write, false, 0, 200, &[1; 200])
+            .unwrap();
         let j = Arc::new(j);
         let j2 = j.clone();
         let w = std::thread::spawn(move || {

@@ -529,7 +529,9 @@ fn quiesce_times_out_while_a_write_is_stuck() {
     primary.set_gate(true);
     let v2 = vol.clone();
     let t = std::thread::spawn(move || v2.write_at(b"stuck", 0, WriteFlags::default()));
-    std::thread::sleep(Duration::from_millis(20));
+    while vol.locks().held_ranges().is_empty() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(vol.quiesce(Duration::from_millis(30)).is_none());
     primary.set_gate(false);
     t.join().unwrap().unwrap();

@@ -200,7 +200,9 @@ fn attach_times_out_when_writes_do_not_drain() {
     gate.set_gate(true);
     let v2 = vol.clone();
     let w = std::thread::spawn(move || v2.write_at(b"stuck", 0, WriteFlags::default()));
-    std::thread::sleep(Duration::from_millis(20));
+    while vol.locks().held_ranges().is_empty() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let target = file(dir.path(), "r.img", 2 * MB);
     let r = reg.attach_replica("lun0", &target, 4);
     assert_eq!(rv(&r), 3);
