@@ -3,19 +3,19 @@
 //! ReturnValue of AttachReplica provoked through the socket. Failing and
 //! full replicas.
 
-mod common;
+mod replication_common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use lunmirror::block::mem::MemDev;
 use lunmirror::block::{BlockDev, SharedDev, WriteFlags};
 use lunmirror::mirror::fault::FaultDev;
 use lunmirror::mirror::MirroredVolume;
 use lunmirror::registry::RegistryConfig;
+use replication_common::*;
 
 const SIZE: u64 = 4 * MB;
 

@@ -4,17 +4,17 @@
 //! directory and checks that the replica converges to the primary (journal
 //! replay for Async, activity-log resync for Sync).
 
-mod common;
+mod replication_common;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use lunmirror::block::{BlockDev, SharedDev, WriteFlags};
 use lunmirror::mirror::fault::FaultDev;
 use lunmirror::mirror::filedev::FileTarget;
 use lunmirror::registry::RegistryConfig;
+use replication_common::*;
 
 const SIZE: u64 = 4 * MB;
 

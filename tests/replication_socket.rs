@@ -2,16 +2,16 @@
 //! server keeps serving), request size cap, notifications and batches,
 //! socket mode 0660, stale/live socket handling, SO_PEERCRED checks.
 
-mod common;
+mod replication_common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::*;
 use lunmirror::control::protocol::MAX_REQUEST;
 use lunmirror::control::{ControlServer, ServerOptions};
+use replication_common::*;
 use serde_json::Value;
 
 fn start() -> (tempfile::TempDir, Daemon) {

@@ -557,6 +557,24 @@ impl Journal {
         Ok(seq)
     }
 
+    /// Append a host write of any size as consecutive records of at most
+    /// [`MAX_DATA`] bytes each; returns the last sequence number.
+    pub fn append_write(&self, fua: bool, offset: u64, data: &[u8]) -> Result<u64, JournalError> {
+        let mut last = 0;
+        let mut done = 0usize;
+        for chunk in data.chunks(MAX_DATA as usize) {
+            last = self.append(
+                RecordKind::Write,
+                fua,
+                offset + done as u64,
+                chunk.len() as u64,
+                chunk,
+            )?;
+            done += chunk.len();
+        }
+        Ok(last)
+    }
+
     /// Make every record up to `seq` durable (group commit: one
     /// `fdatasync` covers all records appended before it started).
     pub fn sync_to(&self, seq: u64) -> Result<(), JournalError> {
@@ -883,6 +901,24 @@ mod tests {
             j.append(RecordKind::Write, false, 0, 200, &[3; 200]),
             Err(JournalError::Full)
         ));
+    }
+
+    #[test]
+    fn oversized_writes_are_split_into_valid_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), cfg(1 << 30, 1 << 30)).unwrap();
+        let data: Vec<u8> = (0..MAX_DATA as usize + 1000).map(|i| i as u8).collect();
+        assert_eq!(j.append_write(false, 4096, &data).unwrap(), 2);
+        j.sync_all().unwrap();
+        drop(j);
+        let (j, rep) = Journal::open(dir.path(), cfg(1 << 30, 1 << 30)).unwrap();
+        assert_eq!((rep.pending, rep.stopped_at), (2, None));
+        let a = j.next_pending(Duration::ZERO).unwrap();
+        assert_eq!((a.offset, a.length), (4096, u64::from(MAX_DATA)));
+        assert_eq!(j.read_data(&a).unwrap(), &data[..MAX_DATA as usize]);
+        j.mark_applied(a.seq);
+        let b = j.next_pending(Duration::ZERO).unwrap();
+        assert_eq!((b.offset, b.length), (4096 + u64::from(MAX_DATA), 1000));
     }
 
     #[test]

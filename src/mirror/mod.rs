@@ -209,12 +209,14 @@ impl MirroredVolume {
         let mut journaled = Vec::new();
         for (a, p) in &plans {
             if let Plan::Journal(j) = p {
-                let (kind, data): (RecordKind, &[u8]) = match op {
-                    HostOp::Write(buf, _) => (RecordKind::Write, buf),
-                    HostOp::Zeroes(_) => (RecordKind::WriteZeroes, &[]),
-                    HostOp::Discard => (RecordKind::Discard, &[]),
+                let appended = match op {
+                    HostOp::Write(buf, _) => j.append_write(op.fua(), offset, buf),
+                    HostOp::Zeroes(_) => {
+                        j.append(RecordKind::WriteZeroes, op.fua(), offset, len, &[])
+                    }
+                    HostOp::Discard => j.append(RecordKind::Discard, false, offset, len, &[]),
                 };
-                match j.append(kind, op.fua(), offset, len, data) {
+                match appended {
                     Ok(seq) => journaled.push((*a, j.clone(), seq)),
                     Err(e) => {
                         if a.journal_failed(offset, len, &e) {
