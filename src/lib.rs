@@ -8,6 +8,7 @@
 pub mod block;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod iscsi;
 pub mod jobs;
 pub mod mirror;

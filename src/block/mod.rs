@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+pub mod file;
 pub mod mem;
 
 /// Errors a backstore reports. The SCSI core maps each to sense data in one
@@ -105,6 +106,55 @@ pub trait BlockDev: Send + Sync {
     fn allocation(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
         check_range(self.size(), offset, len)?;
         Ok((true, len))
+    }
+
+    /// Run several reads/writes as one batch; one result per op, in order.
+    /// Ops in a batch may run concurrently and in any order, so overlapping
+    /// ops in one batch have no defined order (as with queued commands on a
+    /// disk). Backstores that can keep many requests in flight (the io_uring
+    /// engine) override this; the default runs the ops one after another.
+    fn submit_batch(&self, ops: &mut [BatchOp<'_>]) -> Vec<BlockResult<()>> {
+        ops.iter_mut()
+            .map(|op| match op {
+                BatchOp::Read { buf, offset } => self.read_at(buf, *offset),
+                BatchOp::Write { buf, offset, flags } => self.write_at(buf, *offset, *flags),
+            })
+            .collect()
+    }
+}
+
+/// One request of a [`BlockDev::submit_batch`] call.
+#[derive(Debug)]
+pub enum BatchOp<'a> {
+    /// Read exactly `buf.len()` bytes at `offset`.
+    Read { buf: &'a mut [u8], offset: u64 },
+    /// Write all of `buf` at `offset`.
+    Write {
+        buf: &'a [u8],
+        offset: u64,
+        flags: WriteFlags,
+    },
+}
+
+impl BatchOp<'_> {
+    /// Byte offset of the op.
+    pub fn offset(&self) -> u64 {
+        match self {
+            BatchOp::Read { offset, .. } | BatchOp::Write { offset, .. } => *offset,
+        }
+    }
+
+    /// Length of the op in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            BatchOp::Read { buf, .. } => buf.len(),
+            BatchOp::Write { buf, .. } => buf.len(),
+        }
+    }
+
+    /// Whether the op transfers no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -4,6 +4,12 @@
 //! Protocol modules (`pdu`, `text`, `negotiate`, `login`) do no I/O; only
 //! `conn` touches sockets.
 
+pub mod chap;
+pub mod discovery;
+pub mod login;
+pub mod negotiate;
+pub mod text;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -34,3 +40,11 @@ pub struct TargetDef {
     /// Mutual CHAP: the target answers the initiator's challenge with these.
     pub mutual_chap: Option<ChapCredentials>,
 }
+
+pub mod conn;
+pub mod digest;
+pub mod pdu;
+pub mod server;
+pub mod session;
+
+pub use server::{Server, ServerHandle, ServerOptions};

@@ -8,6 +8,18 @@
 //!   REPORT LUNS and commands to absent LUNs itself.
 //! - `LunMap::task_management(...)` establishes the unit attentions that LUN
 //!   and target resets cause.
+//! - `LunMap::nexus_loss(&Nexus)` tells the core an I_T nexus is gone
+//!   (session closed, connection dropped, reinstated): its SPC-2
+//!   reservations are released and its pending unit attentions dropped.
+//! - `encode_lun`/`decode_lun` convert between LUN numbers and the 8-byte
+//!   LUN field, the same way REPORT LUNS encodes them.
+//! - `cdb::data_out_len(cdb, block_size)` is the data-out length a CDB
+//!   describes (for residuals), from the same table dispatch uses.
+//! - `ScsiRequest::data_out` should carry everything the initiator sent:
+//!   the core cuts surplus for WRITE-type commands itself and refuses
+//!   mismatches where the CDB fixes the length (COMPARE AND WRITE, WRITE
+//!   SAME).
+//! - `LogicalUnit::with_pr_store` plugs in APTPL persistence (`PrStore`).
 
 use std::sync::Arc;
 
@@ -107,5 +119,57 @@ pub enum TaskMgmt {
     },
 }
 
+/// Encode a LUN number as the 8-byte LUN field (SAM-5 4.7): peripheral
+/// device addressing below 256, flat space below 16384, extended flat space
+/// below 2^24, long extended flat space beyond (low 40 bits). The inverse
+/// of `decode_lun`; REPORT LUNS uses it.
+pub fn encode_lun(lun: u64) -> [u8; 8] {
+    let mut f = [0u8; 8];
+    let b = lun.to_be_bytes();
+    if lun < 256 {
+        f[1] = b[7];
+    } else if lun < 0x4000 {
+        f[0] = 0x40 | b[6];
+        f[1] = b[7];
+    } else if lun < 1 << 24 {
+        f[0] = 0xD2;
+        f[1..4].copy_from_slice(&b[5..8]);
+    } else {
+        f[0] = 0xE2;
+        f[1..6].copy_from_slice(&b[3..8]);
+    }
+    f
+}
+
+/// Decode an 8-byte LUN field into the LUN number the core uses. Formats
+/// we never hand out decode to `u64::MAX`, a LUN that is never present.
+pub fn decode_lun(field: [u8; 8]) -> u64 {
+    let be = |bytes: &[u8]| bytes.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
+    match field[0] {
+        0x00 => u64::from(field[1]),
+        0x40..=0x7F => (u64::from(field[0] & 0x3F) << 8) | u64::from(field[1]),
+        0xD2 => be(&field[1..4]),
+        0xE2 => be(&field[1..6]),
+        _ => u64::MAX,
+    }
+}
+
+pub mod cdb;
+mod lu;
 mod lun_map;
+pub mod pr;
+mod range_lock;
+pub mod sbc;
+pub mod sense;
+pub mod spc;
+mod ua;
+mod xcopy;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests2;
+
 pub use lun_map::{LogicalUnit, LuConfig, LunMap};
+pub use pr::PrStore;
+pub use sense::{Asc, ScsiError, Sense, SenseKey};

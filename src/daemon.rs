@@ -1,0 +1,787 @@
+//! Daemon wiring: turns a validated [`Config`] into running frontends.
+//!
+//! The order matters and is the point of this module:
+//! 1. [`preflight`] looks at the filesystem without changing it (backing
+//!    files, sizes, parent directories). Config problems found here are
+//!    reported like parse errors (exit 2) and nothing has been touched.
+//! 2. The state directory is created and locked ([`StateLock`]): a second
+//!    daemon on the same state dir stops here with a clear message.
+//! 3. Backing files are opened (created sparse if missing), portals bound,
+//!    targets built and the iSCSI server started.
+//! 4. SIGTERM/SIGINT (received by a dedicated thread with `sigwait`, no
+//!    async runtime) stop accepting, let in-flight commands finish, and the
+//!    volumes are flushed before `serve` returns.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{error, info, warn};
+
+use crate::block::file::{EngineKind, FileDev, FileDevOptions};
+use crate::block::SharedDev;
+use crate::config::{self, Config, ConfigError, ConfigErrors, Engine, LunConfig, SizeSpec};
+use crate::iscsi::negotiate::TargetLimits;
+use crate::iscsi::{ChapCredentials, Server, TargetDef};
+use crate::scsi::{LogicalUnit, LuConfig, LunMap};
+
+/// Name of the lock file inside the state directory.
+pub const LOCK_FILE: &str = "lunmirror.lock";
+
+/// Why the daemon stopped without serving (or stopped serving).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The configuration (or what it names on disk) is wrong; nothing was
+    /// created or changed.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// Something failed while starting or running.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl DaemonError {
+    /// Process exit code: 2 for configuration errors, 1 for runtime failures.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Config(_) => 2,
+            DaemonError::Runtime(_) => 1,
+        }
+    }
+
+    fn runtime(context: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
+        DaemonError::Runtime(format!("{context}: {e}"))
+    }
+}
+
+/// A LUN whose backing file has been looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedLun {
+    /// Index into `Config::targets`.
+    pub target: usize,
+    pub lun: LunConfig,
+    /// Size in bytes for regular files; `None` for block devices (the device
+    /// decides).
+    pub size: Option<u64>,
+    /// The backing file does not exist and will be created sparse.
+    pub create: bool,
+}
+
+/// Check everything the config names on disk, without changing anything.
+pub fn preflight(cfg: &Config) -> Result<Vec<ResolvedLun>, ConfigErrors> {
+    let mut errs = Vec::new();
+    let sd = &cfg.daemon.state_dir;
+    match fs::metadata(sd) {
+        Ok(md) if !md.is_dir() => errs.push(ConfigError::new(
+            "daemon.state_dir",
+            format!("{} exists and is not a directory", sd.display()),
+        )),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = nonempty_parent(sd) {
+                if !parent.is_dir() {
+                    errs.push(ConfigError::new(
+                        "daemon.state_dir",
+                        format!(
+                            "cannot create {}: parent {} is not a directory",
+                            sd.display(),
+                            parent.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(e) => errs.push(ConfigError::new(
+            "daemon.state_dir",
+            format!("cannot access {}: {e}", sd.display()),
+        )),
+    }
+
+    let mut out = Vec::new();
+    let mut canonical: HashMap<PathBuf, String> = HashMap::new();
+    for (ti, t) in cfg.targets.iter().enumerate() {
+        for l in &t.luns {
+            let key = &l.key;
+            let p = &l.path;
+            let bs = u64::from(l.block_size);
+            let mut resolved = ResolvedLun {
+                target: ti,
+                lun: l.clone(),
+                size: None,
+                create: false,
+            };
+            match fs::metadata(p) {
+                Ok(md) if md.file_type().is_block_device() => {}
+                Ok(md) if md.is_file() => {
+                    let len = md.len();
+                    match l.size {
+                        SizeSpec::Exact(s) if s != len => errs.push(ConfigError::new(
+                            format!("{key}.size"),
+                            format!(
+                                "{} exists with {len} bytes but the configured size is {s}; lunmirror never resizes an existing backing file",
+                                p.display()
+                            ),
+                        )),
+                        SizeSpec::FromFileOr(_) if len == 0 || len % bs != 0 => {
+                            errs.push(ConfigError::new(
+                                format!("{key}.path"),
+                                format!(
+                                    "{} has {len} bytes, not a positive multiple of the block size {bs}",
+                                    p.display()
+                                ),
+                            ))
+                        }
+                        _ => {}
+                    }
+                    resolved.size = Some(len);
+                }
+                Ok(_) => errs.push(ConfigError::new(
+                    format!("{key}.path"),
+                    format!(
+                        "{} is neither a regular file nor a block device",
+                        p.display()
+                    ),
+                )),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if l.read_only {
+                        errs.push(ConfigError::new(
+                            format!("{key}.path"),
+                            format!(
+                                "{} does not exist (a read_only LUN's file is never created)",
+                                p.display()
+                            ),
+                        ));
+                    }
+                    if !l.path_is_default {
+                        match nonempty_parent(p) {
+                            Some(parent) if !parent.is_dir() => errs.push(ConfigError::new(
+                                format!("{key}.path"),
+                                format!("directory {} does not exist", parent.display()),
+                            )),
+                            _ => {}
+                        }
+                    }
+                    resolved.size = Some(match l.size {
+                        SizeSpec::Exact(s) | SizeSpec::FromFileOr(s) => s,
+                    });
+                    resolved.create = true;
+                }
+                Err(e) => errs.push(ConfigError::new(
+                    format!("{key}.path"),
+                    format!("cannot access {}: {e}", p.display()),
+                )),
+            }
+            if let Ok(c) = fs::canonicalize(p) {
+                if let Some(prev) = canonical.insert(c.clone(), key.clone()) {
+                    errs.push(ConfigError::new(
+                        format!("{key}.path"),
+                        format!("{} is the same file as {prev}.path", c.display()),
+                    ));
+                }
+            }
+            out.push(resolved);
+        }
+    }
+    if errs.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors {
+            source_name: "preflight".to_string(),
+            errors: errs,
+        })
+    }
+}
+
+fn nonempty_parent(p: &Path) -> Option<&Path> {
+    p.parent().filter(|q| !q.as_os_str().is_empty())
+}
+
+/// Exclusive lock on the state directory, held for the daemon's lifetime.
+#[derive(Debug)]
+pub struct StateLock {
+    _lock: Flock<File>,
+    path: PathBuf,
+}
+
+impl StateLock {
+    /// Create the state directory if needed and lock it. Fails if another
+    /// process holds the lock.
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, DaemonError> {
+        fs::create_dir_all(state_dir).map_err(|e| {
+            DaemonError::runtime(
+                format_args!("cannot create state dir {}", state_dir.display()),
+                e,
+            )
+        })?;
+        let path = state_dir.join(LOCK_FILE);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| DaemonError::runtime(format_args!("cannot open {}", path.display()), e))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut pid = String::new();
+                let _ = f.read_to_string(&mut pid);
+                let holder = match pid.trim() {
+                    "" => String::new(),
+                    p => format!(" (pid {p})"),
+                };
+                return Err(DaemonError::Runtime(format!(
+                    "state dir {} is in use by another lunmirror{holder}; stop it or use another --state-dir",
+                    state_dir.display()
+                )));
+            }
+            Err((_, e)) => {
+                return Err(DaemonError::runtime(
+                    format_args!("cannot lock {}", path.display()),
+                    e,
+                ))
+            }
+        };
+        // Record who holds it, for the message above.
+        let write_pid = |f: &mut File| -> io::Result<()> {
+            f.set_len(0)?;
+            f.rewind()?;
+            writeln!(f, "{}", std::process::id())?;
+            f.sync_data()
+        };
+        write_pid(&mut lock).map_err(|e| {
+            DaemonError::runtime(format_args!("cannot write {}", path.display()), e)
+        })?;
+        Ok(StateLock { _lock: lock, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// One served volume: a LUN's backing store.
+#[derive(Clone)]
+pub struct Volume {
+    pub name: String,
+    pub path: PathBuf,
+    pub dev: SharedDev,
+    pub read_only: bool,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+/// Open (or create, sparse) one LUN's backing file with the chosen engine.
+fn open_volume(r: &ResolvedLun, engine: Engine) -> Result<SharedDev, DaemonError> {
+    let opts = FileDevOptions {
+        engine: match engine {
+            Engine::Auto => EngineKind::Auto,
+            Engine::IoUring => EngineKind::IoUring,
+            Engine::Sync => EngineKind::Sync,
+        },
+        read_only: r.lun.read_only,
+        direct: false,
+        create_size: if r.create { r.size } else { None },
+    };
+    let dev = FileDev::open(&r.lun.path, opts).map_err(|e| {
+        DaemonError::runtime(
+            format_args!(
+                "volume {}: cannot open {}",
+                r.lun.volume,
+                r.lun.path.display()
+            ),
+            e,
+        )
+    })?;
+    info!(volume = %r.lun.volume, engine = %dev.engine(), "I/O engine");
+    Ok(Arc::new(dev))
+}
+
+/// Open every volume, creating `<state_dir>/volumes` if a LUN uses it.
+pub fn open_volumes(cfg: &Config, resolved: &[ResolvedLun]) -> Result<Vec<Volume>, DaemonError> {
+    if resolved.iter().any(|r| r.create && r.lun.path_is_default) {
+        let dir = cfg.daemon.state_dir.join("volumes");
+        fs::create_dir_all(&dir).map_err(|e| {
+            DaemonError::runtime(format_args!("cannot create {}", dir.display()), e)
+        })?;
+    }
+    let mut out = Vec::with_capacity(resolved.len());
+    for r in resolved {
+        let dev = open_volume(r, cfg.daemon.engine)?;
+        if let Some(expected) = r.size {
+            if dev.size() != expected {
+                return Err(DaemonError::Runtime(format!(
+                    "{}: opened with {} bytes, expected {expected}",
+                    r.lun.path.display(),
+                    dev.size()
+                )));
+            }
+        }
+        if dev.size() == 0 || dev.size() % u64::from(r.lun.block_size) != 0 {
+            return Err(DaemonError::Runtime(format!(
+                "{}: size {} is not a positive multiple of the block size {}",
+                r.lun.path.display(),
+                dev.size(),
+                r.lun.block_size
+            )));
+        }
+        info!(
+            volume = %r.lun.volume,
+            path = %r.lun.path.display(),
+            size = dev.size(),
+            created = r.create,
+            read_only = r.lun.read_only,
+            "volume opened"
+        );
+        out.push(Volume {
+            name: r.lun.volume.clone(),
+            path: r.lun.path.clone(),
+            dev,
+            read_only: r.lun.read_only,
+        });
+    }
+    Ok(out)
+}
+
+/// Listening sockets, one per distinct configured portal.
+#[derive(Debug)]
+pub struct Listeners {
+    pub sockets: Vec<TcpListener>,
+    /// Configured portal → address actually bound (differs for port 0).
+    pub bound: HashMap<SocketAddr, SocketAddr>,
+}
+
+/// Bind every distinct portal of every target.
+pub fn bind_portals(cfg: &Config) -> Result<Listeners, DaemonError> {
+    let mut sockets = Vec::new();
+    let mut bound = HashMap::new();
+    for t in &cfg.targets {
+        for p in &t.portals {
+            if bound.contains_key(p) {
+                continue;
+            }
+            let l = TcpListener::bind(p)
+                .map_err(|e| DaemonError::runtime(format_args!("cannot listen on {p}"), e))?;
+            let local = l
+                .local_addr()
+                .map_err(|e| DaemonError::runtime(format_args!("listener {p}"), e))?;
+            bound.insert(*p, local);
+            sockets.push(l);
+        }
+    }
+    Ok(Listeners { sockets, bound })
+}
+
+/// SCSI identity strings of our LUs.
+const VENDOR: &str = "LUNMIRR";
+const PRODUCT: &str = "lunmirror";
+
+fn revision() -> String {
+    // INQUIRY's PRODUCT REVISION LEVEL has 4 bytes: "0.1" for 0.1.x.
+    let mut parts = env!("CARGO_PKG_VERSION").split('.');
+    let major = parts.next().unwrap_or("0");
+    let minor = parts.next().unwrap_or("0");
+    let mut r = format!("{major}.{minor}");
+    r.truncate(4);
+    r
+}
+
+/// Build the server's target definitions from the config, the opened
+/// volumes (in `preflight` order) and the bound portals.
+pub fn build_targets(
+    cfg: &Config,
+    resolved: &[ResolvedLun],
+    volumes: &[Volume],
+    listeners: &Listeners,
+) -> Vec<Arc<TargetDef>> {
+    let mut maps: Vec<LunMap> = cfg.targets.iter().map(|_| LunMap::new()).collect();
+    for (r, v) in resolved.iter().zip(volumes) {
+        let lu = LuConfig {
+            volume: r.lun.volume.clone(),
+            block_size: r.lun.block_size,
+            read_only: r.lun.read_only,
+            serial: r.lun.serial.clone(),
+            naa: r.lun.wwn,
+            vendor: VENDOR.to_string(),
+            product: PRODUCT.to_string(),
+            revision: revision(),
+        };
+        if let Some(m) = maps.get_mut(r.target) {
+            m.insert(r.lun.id, Arc::new(LogicalUnit::new(lu, v.dev.clone())));
+        }
+    }
+    cfg.targets
+        .iter()
+        .zip(maps)
+        .map(|(t, luns)| {
+            Arc::new(TargetDef {
+                name: t.name.clone(),
+                alias: t.alias.clone(),
+                luns: Arc::new(luns),
+                portals: t
+                    .portals
+                    .iter()
+                    .map(|p| listeners.bound.get(p).copied().unwrap_or(*p))
+                    .collect(),
+                allowed_initiators: t.allowed_initiators.clone(),
+                chap: t.chap.as_ref().map(|c| ChapCredentials {
+                    user: c.user.clone(),
+                    secret: c.secret.clone(),
+                }),
+                mutual_chap: t.mutual_chap.as_ref().map(|c| ChapCredentials {
+                    user: c.user.clone(),
+                    secret: c.secret.clone(),
+                }),
+            })
+        })
+        .collect()
+}
+
+/// Block SIGTERM, SIGINT and SIGHUP in the calling thread (and every thread
+/// it starts afterwards) so that only the signal thread receives them. Call
+/// first thing in `main`, before any thread exists.
+pub fn block_shutdown_signals() -> nix::Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    set.thread_block()?;
+    Ok(set)
+}
+
+/// Something to stop when a shutdown signal arrives.
+pub type StopFn = Box<dyn Fn() + Send>;
+
+/// Start the thread that waits for shutdown signals. The first SIGTERM or
+/// SIGINT runs every `stop` function (which must make the frontends return);
+/// a second one exits at once with status 1. SIGHUP is logged and ignored.
+pub fn spawn_signal_thread(set: SigSet, stop: Vec<StopFn>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut stopping = false;
+            loop {
+                match set.wait() {
+                    Ok(Signal::SIGHUP) => info!("SIGHUP ignored (restart to reload the config)"),
+                    Ok(sig) if !stopping => {
+                        info!(signal = %sig, "shutting down: no new connections, finishing in-flight commands");
+                        sd_notify("STOPPING=1");
+                        stopping = true;
+                        for f in &stop {
+                            f();
+                        }
+                    }
+                    Ok(sig) => {
+                        warn!(signal = %sig, "second signal: exiting without waiting");
+                        std::process::exit(1);
+                    }
+                    Err(e) => {
+                        error!("sigwait failed: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// Tell systemd (Type=notify) about our state, if it asked.
+pub fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::from_abstract_name(name),
+        None => UnixAddr::from_pathname(Path::new(&path)),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        warn!("sd_notify({state}) failed: {e}");
+    }
+}
+
+/// Run the daemon until a shutdown signal: preflight, lock, open, bind,
+/// serve, flush. Writes one `lunmirror: listening on ADDR` line per
+/// listener to `out` once the target accepts connections.
+pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), DaemonError> {
+    for w in config::warnings(&cfg) {
+        warn!("{w}");
+    }
+    let resolved = preflight(&cfg)?;
+    let lock = StateLock::acquire(&cfg.daemon.state_dir)?;
+    info!(state_dir = %cfg.daemon.state_dir.display(), lock = %lock.path().display(), "state dir locked");
+    let volumes = open_volumes(&cfg, &resolved)?;
+    let listeners = bind_portals(&cfg)?;
+    let targets = build_targets(&cfg, &resolved, &volumes, &listeners);
+    for t in &targets {
+        info!(
+            target = %t.name,
+            luns = cfg.targets.iter().find(|c| c.name == t.name).map_or(0, |c| c.luns.len()),
+            portals = ?t.portals,
+            "target configured"
+        );
+    }
+
+    let addrs: Vec<SocketAddr> = listeners
+        .sockets
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let result = run_frontends(targets, listeners, signals, || {
+        for a in &addrs {
+            info!("listening on {a}");
+            writeln!(out, "lunmirror: listening on {a}")?;
+        }
+        out.flush()?;
+        sd_notify("READY=1");
+        Ok(())
+    });
+
+    // Whatever happened, make acknowledged writes durable before exiting.
+    let mut flush_failed = false;
+    for v in &volumes {
+        match v.dev.flush() {
+            Ok(()) => info!(volume = %v.name, "volume flushed"),
+            Err(e) => {
+                error!(volume = %v.name, "flush failed: {e}");
+                flush_failed = true;
+            }
+        }
+    }
+    result?;
+    if flush_failed {
+        return Err(DaemonError::Runtime("flushing volumes failed".into()));
+    }
+    info!("stopped cleanly");
+    drop(lock);
+    Ok(())
+}
+
+/// Start the iSCSI server on the listeners, call `ready` once it accepts
+/// connections, and block until a shutdown signal has stopped it (after its
+/// in-flight commands completed).
+fn run_frontends(
+    targets: Vec<Arc<TargetDef>>,
+    listeners: Listeners,
+    signals: SigSet,
+    ready: impl FnOnce() -> io::Result<()>,
+) -> Result<(), DaemonError> {
+    let server = Server::new(targets, listeners.sockets, TargetLimits::default());
+    let handle = server.handle();
+    let stop: Vec<StopFn> = vec![Box::new(move || handle.shutdown())];
+    spawn_signal_thread(signals, stop)
+        .map_err(|e| DaemonError::runtime("cannot start the signal thread", e))?;
+    ready().map_err(|e| DaemonError::runtime("cannot report the listening addresses", e))?;
+    server
+        .run()
+        .map_err(|e| DaemonError::runtime("iSCSI server failed", e))?;
+    info!("iSCSI server stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    fn cfg_in(dir: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let ov = Overrides {
+            state_dir: Some(dir.join("state")),
+            ..Overrides::default()
+        };
+        Config::parse(text, "t", &ov)
+    }
+
+    fn lun(extra: &str) -> String {
+        format!(
+            "[[target]]\nname = \"iqn.2026-11.io.lunmirror:t\"\n[[target.lun]]\nid = 0\nvolume = \"v0\"\n{extra}\n"
+        )
+    }
+
+    #[test]
+    fn preflight_new_default_file() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = cfg_in(d.path(), &lun("")).unwrap();
+        let r = preflight(&cfg).unwrap();
+        assert_eq!(r.len(), 1);
+        assert!(r[0].create);
+        assert_eq!(r[0].size, Some(1 << 30));
+        // Nothing was created.
+        assert!(!d.path().join("state").exists());
+    }
+
+    #[test]
+    fn preflight_existing_file_sizes() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("a.img");
+        File::create(&f).unwrap().set_len(8192).unwrap();
+        let path = format!("path = {:?}", f.display().to_string());
+        let cfg = cfg_in(d.path(), &lun(&path)).unwrap();
+        let r = preflight(&cfg).unwrap();
+        assert_eq!((r[0].size, r[0].create), (Some(8192), false));
+
+        let cfg = cfg_in(d.path(), &lun(&format!("{path}\nsize = 8192"))).unwrap();
+        preflight(&cfg).unwrap();
+
+        let cfg = cfg_in(d.path(), &lun(&format!("{path}\nsize = \"1M\""))).unwrap();
+        let e = preflight(&cfg).unwrap_err();
+        assert!(e.mentions("target[0].lun[0].size"), "{e}");
+        assert!(e.to_string().contains("never resizes"), "{e}");
+
+        let cfg = cfg_in(d.path(), &lun(&format!("{path}\nblock_size = 4096"))).unwrap();
+        preflight(&cfg).unwrap();
+        File::create(&f).unwrap().set_len(1000).unwrap();
+        let e = preflight(&cfg).unwrap_err();
+        assert!(e.mentions("target[0].lun[0].path"), "{e}");
+        File::create(&f).unwrap().set_len(0).unwrap();
+        assert!(preflight(&cfg)
+            .unwrap_err()
+            .mentions("target[0].lun[0].path"));
+    }
+
+    #[test]
+    fn preflight_rejects_bad_paths() {
+        let d = tempfile::tempdir().unwrap();
+        // Read-only LUN whose file is missing.
+        let cfg = cfg_in(d.path(), &lun("read_only = true")).unwrap();
+        let e = preflight(&cfg).unwrap_err();
+        assert!(e.to_string().contains("never created"), "{e}");
+        // Missing parent directory of an explicit path.
+        let p = d.path().join("nope/x.img");
+        let cfg = cfg_in(
+            d.path(),
+            &lun(&format!("path = {:?}", p.display().to_string())),
+        )
+        .unwrap();
+        let e = preflight(&cfg).unwrap_err();
+        assert!(e.mentions("target[0].lun[0].path"), "{e}");
+        // A directory as backing file.
+        let cfg = cfg_in(
+            d.path(),
+            &lun(&format!("path = {:?}", d.path().display().to_string())),
+        )
+        .unwrap();
+        assert!(preflight(&cfg)
+            .unwrap_err()
+            .mentions("target[0].lun[0].path"));
+        // State dir that is a file.
+        File::create(d.path().join("state")).unwrap();
+        let cfg = cfg_in(d.path(), &lun("")).unwrap();
+        assert!(preflight(&cfg).unwrap_err().mentions("daemon.state_dir"));
+    }
+
+    #[test]
+    fn preflight_same_file_through_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("a.img");
+        File::create(&f).unwrap().set_len(4096).unwrap();
+        let link = d.path().join("b.img");
+        std::os::unix::fs::symlink(&f, &link).unwrap();
+        let text = format!(
+            "{}path = {:?}\n[[target.lun]]\nid = 1\nvolume = \"v1\"\npath = {:?}\n",
+            lun(""),
+            f.display().to_string(),
+            link.display().to_string()
+        );
+        let cfg = cfg_in(d.path(), &text).unwrap();
+        let e = preflight(&cfg).unwrap_err();
+        assert!(e.mentions("target[0].lun[1].path"), "{e}");
+    }
+
+    #[test]
+    fn state_lock_is_exclusive() {
+        let d = tempfile::tempdir().unwrap();
+        let sd = d.path().join("s");
+        let a = StateLock::acquire(&sd).unwrap();
+        let pid = fs::read_to_string(sd.join(LOCK_FILE)).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
+        // flock locks belong to the open file description, so a second
+        // open in the same process conflicts just like another process.
+        match StateLock::acquire(&sd) {
+            Err(DaemonError::Runtime(m)) => {
+                assert!(m.contains("in use by another lunmirror"), "{m}");
+                assert!(m.contains(&format!("pid {}", std::process::id())), "{m}");
+            }
+            other => panic!("second lock: {other:?}"),
+        }
+        drop(a);
+        StateLock::acquire(&sd).unwrap();
+    }
+
+    #[test]
+    fn bind_distinct_portals_once() {
+        let text = "[[target]]\nname = \"iqn.2026-11.io.lunmirror:a\"\nportals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\nvolume = \"a\"\n[[target]]\nname = \"iqn.2026-11.io.lunmirror:b\"\nportals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\nvolume = \"b\"\n";
+        let d = tempfile::tempdir().unwrap();
+        let cfg = cfg_in(d.path(), text).unwrap();
+        let l = bind_portals(&cfg).unwrap();
+        assert_eq!(l.sockets.len(), 1);
+        let got = l.bound[&"127.0.0.1:0".parse().unwrap()];
+        assert_ne!(got.port(), 0);
+        assert_eq!(l.sockets[0].local_addr().unwrap(), got);
+    }
+
+    #[test]
+    fn targets_built_from_config() {
+        use crate::block::mem::MemDev;
+        let d = tempfile::tempdir().unwrap();
+        let text = r#"
+[[target]]
+name = "iqn.2026-11.io.lunmirror:t"
+portals = ["127.0.0.1:0"]
+allowed_initiators = ["iqn.2026-11.io.x:i"]
+chap = { user = "u", secret = "0123456789abcdef" }
+[[target.lun]]
+id = 0
+volume = "v0"
+block_size = 4096
+serial = "S1"
+"#;
+        let cfg = cfg_in(d.path(), text).unwrap();
+        let resolved = preflight(&cfg).unwrap();
+        let volumes: Vec<Volume> = resolved
+            .iter()
+            .map(|r| Volume {
+                name: r.lun.volume.clone(),
+                path: r.lun.path.clone(),
+                dev: Arc::new(MemDev::new(1 << 20)),
+                read_only: r.lun.read_only,
+            })
+            .collect();
+        let l = bind_portals(&cfg).unwrap();
+        let t = build_targets(&cfg, &resolved, &volumes, &l);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].name, "iqn.2026-11.io.lunmirror:t");
+        assert_eq!(t[0].portals, vec![l.sockets[0].local_addr().unwrap()]);
+        assert_eq!(
+            t[0].allowed_initiators,
+            vec!["iqn.2026-11.io.x:i".to_string()]
+        );
+        assert_eq!(t[0].chap.as_ref().unwrap().secret, b"0123456789abcdef");
+        let lu = t[0].luns.get(0).unwrap();
+        assert_eq!(lu.config.block_size, 4096);
+        assert_eq!(lu.config.serial, "S1");
+        assert_eq!(
+            lu.config.naa,
+            config::default_wwn("iqn.2026-11.io.lunmirror:t", "v0")
+        );
+        assert_eq!(lu.config.revision, "0.1");
+        assert!(lu.config.vendor.len() <= 8 && lu.config.product.len() <= 16);
+    }
+}
