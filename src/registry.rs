@@ -92,6 +92,19 @@ pub enum RegistryError {
 /// growing it).
 pub type TargetOpener = Arc<dyn Fn(&Path) -> io::Result<SharedDev> + Send + Sync>;
 
+/// The default [`TargetOpener`]: the block layer's file backstore, opened
+/// read-write without `create_size`, so it never creates or grows anything.
+pub fn open_target_file(path: &Path) -> io::Result<SharedDev> {
+    let opts = crate::block::file::FileDevOptions::default();
+    match crate::block::file::FileDev::open(path, opts) {
+        Ok(d) => Ok(Arc::new(d)),
+        Err(crate::block::BlockError::Io(e)) => Err(e),
+        Err(crate::block::BlockError::ReadOnly) => Err(io::Error::from_raw_os_error(libc::EROFS)),
+        Err(crate::block::BlockError::NoSpace) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+        Err(e) => Err(io::Error::other(e.to_string())),
+    }
+}
+
 /// Registry settings.
 #[derive(Clone)]
 pub struct RegistryConfig {
@@ -113,9 +126,7 @@ impl Default for RegistryConfig {
             quiesce_timeout: Duration::from_secs(30),
             housekeeping_interval: Duration::from_secs(2),
             job_retention: Duration::from_secs(24 * 3600),
-            opener: Arc::new(|p: &Path| {
-                Ok(Arc::new(crate::mirror::filedev::FileTarget::open(p)?) as SharedDev)
-            }),
+            opener: Arc::new(open_target_file),
         }
     }
 }

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use lunmirror::block::{BlockDev, SharedDev, WriteFlags};
 use lunmirror::mirror::fault::FaultDev;
-use lunmirror::mirror::filedev::FileTarget;
 use lunmirror::registry::RegistryConfig;
 use replication_common::*;
 
@@ -32,7 +31,7 @@ fn crash_child() {
     // A slow replica, so that an Async journal holds records at kill time.
     let cfg = RegistryConfig {
         opener: Arc::new(|p: &Path| {
-            let f = FaultDev::new(Arc::new(FileTarget::open(p)?));
+            let f = FaultDev::new(lunmirror::registry::open_target_file(p)?);
             f.write_delay(Duration::from_millis(2));
             Ok(Arc::new(f) as SharedDev)
         }),

@@ -33,7 +33,6 @@ use crate::block::{
 pub mod assoc;
 pub mod bitmap;
 pub mod fault;
-pub mod filedev;
 pub mod journal;
 pub mod rangelock;
 

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lunmirror::block::file::{FileDev, FileDevOptions};
 use lunmirror::block::{BlockDev, SharedDev};
 use lunmirror::control::client::Client;
 use lunmirror::control::ControlServer;
-use lunmirror::mirror::filedev::FileTarget;
 use lunmirror::mirror::{MirrorPolicy, MirroredVolume};
 use lunmirror::registry::{Registry, RegistryConfig};
 
@@ -54,7 +54,7 @@ impl Daemon {
             if !path.exists() {
                 make_file(&path, size, 1);
             }
-            let dev: SharedDev = Arc::new(FileTarget::open(&path).unwrap());
+            let dev: SharedDev = Arc::new(FileDev::open(&path, FileDevOptions::default()).unwrap());
             let vol = MirroredVolume::new(name, dev);
             reg.add_volume(name, &path, vol.clone(), exported).unwrap();
             volumes.push((name.to_string(), path, vol));
