@@ -12,7 +12,7 @@
 //!   write temp, fsync, rename, fsync dir);
 //! - `sync-<n>/bitmap` — the association's out-of-sync/activity bitmap;
 //! - `sync-<n>/journal/` — the Async journal;
-//! - `lock` — held (flock) while a daemon uses the directory.
+//! - `registry.lock` — held (flock) while a registry uses the directory.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -346,7 +346,7 @@ impl Registry {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(state_dir.join("lock"))?;
+            .open(state_dir.join("registry.lock"))?;
         let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| RegistryError::Locked(state_dir.to_path_buf()))?;
         let path = state_dir.join("registry.json");

@@ -7,12 +7,91 @@
 //! control socket could not be used.
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::client::{Client, ClientError};
 use super::protocol::{copy_type_name, return_value_name, MethodReply};
 use crate::jobs::JobInfo;
+
+/// The daemon's default state directory (relative to the working
+/// directory; the same default as the daemon's configuration).
+pub const DEFAULT_STATE_DIR: &str = "lunmirror-state";
+
+/// How a client subcommand finds the daemon's control socket.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SocketArgs {
+    /// Control socket of the daemon [default: <state-dir>/control.sock].
+    #[arg(long, value_name = "PATH", env = "LUNMIRROR_CONTROL_SOCKET")]
+    pub control_socket: Option<PathBuf>,
+    /// State directory of the daemon [default: ./lunmirror-state].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl SocketArgs {
+    /// The socket path to connect to.
+    pub fn path(&self) -> PathBuf {
+        match (&self.control_socket, &self.state_dir) {
+            (Some(p), _) => p.clone(),
+            (None, Some(d)) => d.join("control.sock"),
+            (None, None) => Path::new(DEFAULT_STATE_DIR).join("control.sock"),
+        }
+    }
+}
+
+/// All client subcommands, ready to be flattened into the binary's
+/// subcommand enum (`#[command(flatten)] Client(ClientCommand)`) and run
+/// with [`run`].
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ClientCommand {
+    /// Attach a replica to a volume (AttachReplica).
+    AttachReplica {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[command(flatten)]
+        args: AttachReplicaArgs,
+    },
+    /// List replication associations (EnumerateSynchronized).
+    Replicas {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[command(flatten)]
+        args: ReplicasArgs,
+    },
+    /// List jobs, show or terminate one.
+    Jobs {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[command(flatten)]
+        args: JobsArgs,
+    },
+    /// Detach a replica (ModifySynchronization Detach).
+    DetachReplica {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[command(flatten)]
+        args: DetachReplicaArgs,
+    },
+    /// Fracture, resync, restore or switch Sync/Async (ModifySynchronization).
+    ModifyReplica {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[command(flatten)]
+        args: ModifyReplicaArgs,
+    },
+}
+
+/// Run a client subcommand; returns the process exit code.
+pub fn run(cmd: &ClientCommand) -> i32 {
+    match cmd {
+        ClientCommand::AttachReplica { socket, args } => run_attach_replica(&socket.path(), args),
+        ClientCommand::Replicas { socket, args } => run_replicas(&socket.path(), args),
+        ClientCommand::Jobs { socket, args } => run_jobs(&socket.path(), args),
+        ClientCommand::DetachReplica { socket, args } => run_detach_replica(&socket.path(), args),
+        ClientCommand::ModifyReplica { socket, args } => run_modify_replica(&socket.path(), args),
+    }
+}
 
 /// `--copy-type` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -386,6 +465,66 @@ mod tests {
     struct T {
         #[command(subcommand)]
         cmd: Cmd,
+    }
+
+    /// The way main.rs wires it: the client commands flattened next to the
+    /// daemon's own.
+    #[derive(Debug, clap::Parser)]
+    struct Main {
+        #[command(subcommand)]
+        cmd: MainCmd,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum MainCmd {
+        Serve,
+        #[command(flatten)]
+        Client(ClientCommand),
+    }
+
+    #[test]
+    fn client_commands_flatten_into_the_binary() {
+        let m = Main::try_parse_from([
+            "lunmirror",
+            "attach-replica",
+            "--state-dir",
+            "/var/lib/lm",
+            "--source",
+            "lun0",
+            "--target",
+            "/r",
+            "--copy-type",
+            "async",
+        ])
+        .unwrap();
+        match m.cmd {
+            MainCmd::Client(ClientCommand::AttachReplica { socket, args }) => {
+                assert_eq!(socket.path(), Path::new("/var/lib/lm/control.sock"));
+                assert_eq!(args.copy_type.cim(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        let m =
+            Main::try_parse_from(["lunmirror", "replicas", "--control-socket", "/s.sock"]).unwrap();
+        match m.cmd {
+            MainCmd::Client(ClientCommand::Replicas { socket, .. }) => {
+                assert_eq!(socket.path(), Path::new("/s.sock"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Main::try_parse_from(["lunmirror", "serve"]).is_ok());
+        assert!(Main::try_parse_from([
+            "lunmirror",
+            "modify-replica",
+            "lunmirror:sync:1",
+            "--operation",
+            "resync"
+        ])
+        .is_ok());
+        assert_eq!(
+            SocketArgs::default().path(),
+            Path::new("lunmirror-state/control.sock")
+        );
     }
 
     #[derive(Debug, clap::Subcommand)]
