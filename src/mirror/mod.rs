@@ -27,7 +27,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::block::{
-    check_range, BlockCaps, BlockDev, BlockError, BlockResult, SharedDev, WriteFlags,
+    check_range, BatchOp, BlockCaps, BlockDev, BlockError, BlockResult, SharedDev, WriteFlags,
 };
 
 pub mod assoc;
@@ -281,6 +281,16 @@ impl MirroredVolume {
         }
     }
 
+    /// Every op of a batch through the intercepting path, in order.
+    fn batch_per_op(&self, ops: &mut [BatchOp<'_>]) -> Vec<BlockResult<()>> {
+        ops.iter_mut()
+            .map(|op| match op {
+                BatchOp::Read { buf, offset } => self.read_at(buf, *offset),
+                BatchOp::Write { buf, offset, flags } => self.write_at(buf, *offset, *flags),
+            })
+            .collect()
+    }
+
     /// One activity-log housekeeping round: flush, then clear the marks of
     /// regions with no write since the previous round. The registry calls
     /// this periodically and (twice) at shutdown.
@@ -387,6 +397,51 @@ impl BlockDev for MirroredVolume {
 
     fn allocation(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
         self.primary.allocation(offset, len)
+    }
+
+    /// Without associations a batch goes to the primary as a batch (so an
+    /// io_uring backstore keeps its queue depth), under one range lock
+    /// spanning its writes so an attach cannot slip in between. With
+    /// associations every op takes the intercepting path in order.
+    fn submit_batch(&self, ops: &mut [BatchOp<'_>]) -> Vec<BlockResult<()>> {
+        let in_range = ops
+            .iter()
+            .all(|o| check_range(self.size, o.offset(), o.len() as u64).is_ok());
+        if !in_range {
+            return self.batch_per_op(ops);
+        }
+        let writes = ops
+            .iter()
+            .filter(|o| matches!(o, BatchOp::Write { .. }) && !o.is_empty());
+        let span = writes.fold(None, |acc: Option<(u64, u64)>, o| {
+            let (s, e) = (o.offset(), o.offset() + o.len() as u64);
+            Some(acc.map_or((s, e), |(a, b)| (a.min(s), b.max(e))))
+        });
+        let list = self.list();
+        match span {
+            None => {
+                let restoring = ops.iter().any(|o| {
+                    list.iter()
+                        .any(|a| a.needs_region_lock(o.offset(), o.len() as u64, false))
+                });
+                if restoring {
+                    self.batch_per_op(ops)
+                } else {
+                    self.primary.submit_batch(ops)
+                }
+            }
+            Some(_) if !list.is_empty() => self.batch_per_op(ops),
+            Some((start, end)) => {
+                let guard = self.locks.lock(start, end);
+                if !self.list().is_empty() {
+                    drop(guard);
+                    return self.batch_per_op(ops);
+                }
+                let r = self.primary.submit_batch(ops);
+                drop(guard);
+                r
+            }
+        }
     }
 }
 

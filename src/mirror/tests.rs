@@ -537,3 +537,48 @@ fn quiesce_times_out_while_a_write_is_stuck() {
     t.join().unwrap().unwrap();
     assert!(vol.quiesce(Duration::from_millis(30)).is_some());
 }
+
+#[test]
+fn batches_pass_through_without_associations_and_are_mirrored_with_one() {
+    use crate::block::BatchOp;
+    let r = rig(16 * RS);
+    let (a, b) = (pattern(1, 4096), pattern(2, 4096));
+    let mut out = vec![0u8; 4096];
+    let mut ops = [
+        BatchOp::Write {
+            buf: &a,
+            offset: 0,
+            flags: WriteFlags::default(),
+        },
+        BatchOp::Write {
+            buf: &b,
+            offset: 8192,
+            flags: WriteFlags::default(),
+        },
+    ];
+    assert!(r.vol.submit_batch(&mut ops).iter().all(|x| x.is_ok()));
+    let mut rd = [BatchOp::Read {
+        buf: &mut out,
+        offset: 8192,
+    }];
+    assert!(r.vol.submit_batch(&mut rd).iter().all(|x| x.is_ok()));
+    assert_eq!(out, b);
+    let assoc = attach(&r, CopyType::Sync, policy());
+    run_copy(&assoc);
+    let c = pattern(3, 4096);
+    let mut ops = [
+        BatchOp::Write {
+            buf: &c,
+            offset: 4096,
+            flags: WriteFlags::default(),
+        },
+        BatchOp::Write {
+            buf: &c,
+            offset: 1 << 40,
+            flags: WriteFlags::default(),
+        },
+    ];
+    let res = r.vol.submit_batch(&mut ops);
+    assert!(res[0].is_ok() && res[1].is_err(), "one result per op");
+    assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
+}
