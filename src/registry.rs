@@ -462,6 +462,23 @@ impl Registry {
         Ok(())
     }
 
+    /// Unregister a volume whose frontend went away (a TCMU device removed
+    /// from LIO). A volume that is still the source or target of an
+    /// association stays registered, so its replication state is not lost;
+    /// returns whether it was removed.
+    pub fn remove_volume(&self, name: &str) -> bool {
+        let mut g = self.locked();
+        let in_use = g
+            .assocs
+            .values()
+            .any(|e| e.source == name || matches!(&e.target, TargetRef::Volume(v) if v == name));
+        if in_use {
+            tracing::warn!(volume = %name, "volume left registered: it is part of an association");
+            return false;
+        }
+        g.volumes.remove(name).is_some()
+    }
+
     /// The volume registered as `name`.
     pub fn volume(&self, name: &str) -> Option<Arc<MirroredVolume>> {
         self.locked().volumes.get(name).map(|v| v.vol.clone())
