@@ -151,6 +151,40 @@ pub struct Overrides {
 pub struct Config {
     pub daemon: DaemonConfig,
     pub targets: Vec<TargetConfig>,
+    pub tcmu: TcmuConfig,
+}
+
+/// Whether the TCMU frontend (LIO `user:<subtype>` backstores) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcmuMode {
+    /// Start it when the kernel offers target_core_user; otherwise log and
+    /// serve iSCSI only.
+    #[default]
+    Auto,
+    /// Start it or fail the daemon.
+    On,
+    /// Never start it.
+    Off,
+}
+
+/// The `[tcmu]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcmuConfig {
+    pub mode: TcmuMode,
+    /// The handler subtype targetcli shows as `user:<subtype>`.
+    pub subtype: String,
+    /// Threads executing one device's commands.
+    pub workers_per_device: usize,
+}
+
+impl Default for TcmuConfig {
+    fn default() -> Self {
+        TcmuConfig {
+            mode: TcmuMode::Auto,
+            subtype: "mirror".into(),
+            workers_per_device: 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +269,16 @@ struct RawFile {
     daemon: RawDaemon,
     #[serde(default)]
     target: Vec<RawTarget>,
+    #[serde(default)]
+    tcmu: RawTcmu,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTcmu {
+    enable: Option<String>,
+    subtype: Option<String>,
+    workers_per_device: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -312,6 +356,7 @@ impl Config {
     pub fn default_with(ov: &Overrides) -> Result<Config, ConfigErrors> {
         let raw = RawFile {
             daemon: RawDaemon::default(),
+            tcmu: RawTcmu::default(),
             target: vec![RawTarget {
                 name: DEFAULT_TARGET.to_string(),
                 alias: None,
@@ -708,6 +753,7 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
         });
     }
 
+    let tcmu = check_tcmu(raw.tcmu, &mut errs);
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -719,7 +765,47 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
             engine,
         },
         targets,
+        tcmu,
     })
+}
+
+fn check_tcmu(raw: RawTcmu, errs: &mut Vec<ConfigError>) -> TcmuConfig {
+    let mut out = TcmuConfig::default();
+    match raw.enable.as_deref() {
+        None | Some("auto") => {}
+        Some("on") | Some("true") => out.mode = TcmuMode::On,
+        Some("off") | Some("false") => out.mode = TcmuMode::Off,
+        Some(other) => errs.push(ConfigError::new(
+            "tcmu.enable",
+            format!("{other:?}: must be \"auto\", \"on\" or \"off\""),
+        )),
+    }
+    if let Some(sub) = raw.subtype {
+        if sub.is_empty()
+            || sub.len() > 64
+            || !sub
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            errs.push(ConfigError::new(
+                "tcmu.subtype",
+                "must be 1-64 characters of [A-Za-z0-9_-]",
+            ));
+        } else {
+            out.subtype = sub;
+        }
+    }
+    if let Some(n) = raw.workers_per_device {
+        if !(1..=64).contains(&n) {
+            errs.push(ConfigError::new(
+                "tcmu.workers_per_device",
+                "must be between 1 and 64",
+            ));
+        } else {
+            out.workers_per_device = n as usize;
+        }
+    }
+    out
 }
 
 fn check_chap(key: &str, c: RawChap, errs: &mut Vec<ConfigError>) -> Chap {
@@ -1014,6 +1100,36 @@ name = "iqn.2026-11.io.lunmirror:t1"
 id = 0
 volume = "v0"
 "#;
+
+    #[test]
+    fn tcmu_section_defaults_and_validation() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.tcmu, TcmuConfig::default());
+        assert_eq!(c.tcmu.mode, TcmuMode::Auto);
+        let c = parse(&format!(
+            "[tcmu]\nenable = \"off\"\nsubtype = \"mirror2\"\nworkers_per_device = 2\n{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(c.tcmu.mode, TcmuMode::Off);
+        assert_eq!(c.tcmu.subtype, "mirror2");
+        assert_eq!(c.tcmu.workers_per_device, 2);
+        rejects(
+            &format!("[tcmu]\nenable = \"maybe\"\n{MIN}"),
+            "tcmu.enable",
+            "must be",
+        );
+        rejects(
+            &format!("[tcmu]\nsubtype = \"a/b\"\n{MIN}"),
+            "tcmu.subtype",
+            "[A-Za-z0-9_-]",
+        );
+        rejects(
+            &format!("[tcmu]\nworkers_per_device = 0\n{MIN}"),
+            "tcmu.workers_per_device",
+            "between 1 and 64",
+        );
+        assert!(parse(&format!("[tcmu]\nbogus = 1\n{MIN}")).is_err());
+    }
 
     #[test]
     fn default_config() {

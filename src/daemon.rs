@@ -26,10 +26,15 @@ use tracing::{error, info, warn};
 
 use crate::block::file::{EngineKind, FileDev, FileDevOptions};
 use crate::block::SharedDev;
+use crate::config::TcmuMode;
 use crate::config::{self, Config, ConfigError, ConfigErrors, Engine, LunConfig, SizeSpec};
+use crate::control::ControlServer;
 use crate::iscsi::negotiate::TargetLimits;
 use crate::iscsi::{ChapCredentials, Server, TargetDef};
+use crate::mirror::MirroredVolume;
+use crate::registry::Registry;
 use crate::scsi::{LogicalUnit, LuConfig, LunMap};
+use crate::tcmu;
 
 /// Name of the lock file inside the state directory.
 pub const LOCK_FILE: &str = "lunmirror.lock";
@@ -288,11 +293,7 @@ impl std::fmt::Debug for Volume {
 /// Open (or create, sparse) one LUN's backing file with the chosen engine.
 fn open_volume(r: &ResolvedLun, engine: Engine) -> Result<SharedDev, DaemonError> {
     let opts = FileDevOptions {
-        engine: match engine {
-            Engine::Auto => EngineKind::Auto,
-            Engine::IoUring => EngineKind::IoUring,
-            Engine::Sync => EngineKind::Sync,
-        },
+        engine: engine_kind(engine),
         read_only: r.lun.read_only,
         direct: false,
         create_size: if r.create { r.size } else { None },
@@ -527,7 +528,13 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
     let resolved = preflight(&cfg)?;
     let lock = StateLock::acquire(&cfg.daemon.state_dir)?;
     info!(state_dir = %cfg.daemon.state_dir.display(), lock = %lock.path().display(), "state dir locked");
+    let registry = Registry::open(&cfg.daemon.state_dir)
+        .map_err(|e| DaemonError::runtime("cannot open the replication registry", e))?;
     let volumes = open_volumes(&cfg, &resolved)?;
+    let volumes = mirror_volumes(&registry, volumes)?;
+    // Associations saved by an earlier run: replay journals, resync what was
+    // in flight when it stopped.
+    registry.resume();
     let listeners = bind_portals(&cfg)?;
     let targets = build_targets(&cfg, &resolved, &volumes, &listeners);
     for t in &targets {
@@ -538,6 +545,18 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
             "target configured"
         );
     }
+    let control =
+        ControlServer::start(&cfg.daemon.control_socket, registry.clone()).map_err(|e| {
+            DaemonError::runtime(
+                format_args!(
+                    "cannot serve the control socket {}",
+                    cfg.daemon.control_socket.display()
+                ),
+                e,
+            )
+        })?;
+    info!(socket = %cfg.daemon.control_socket.display(), "control socket ready");
+    let tcmu = start_tcmu(&cfg, &registry)?;
 
     let addrs: Vec<SocketAddr> = listeners
         .sockets
@@ -554,7 +573,15 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
         Ok(())
     });
 
-    // Whatever happened, make acknowledged writes durable before exiting.
+    // The iSCSI server has finished its in-flight commands; stop the other
+    // front doors, then the replication machinery (shippers drain, state is
+    // saved), then make acknowledged writes durable.
+    if let Some(h) = tcmu {
+        h.shutdown();
+        info!("TCMU frontend stopped");
+    }
+    control.shutdown();
+    registry.shutdown();
     let mut flush_failed = false;
     for v in &volumes {
         match v.dev.flush() {
@@ -572,6 +599,91 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
     info!("stopped cleanly");
     drop(lock);
     Ok(())
+}
+
+/// Put every volume behind the write-interception layer and register it, so
+/// that AttachReplica can name it and the LU's writes reach its replicas.
+fn mirror_volumes(registry: &Registry, volumes: Vec<Volume>) -> Result<Vec<Volume>, DaemonError> {
+    volumes
+        .into_iter()
+        .map(|v| {
+            let mirrored = MirroredVolume::new(&v.name, v.dev.clone());
+            registry
+                .add_volume(&v.name, &v.path, mirrored.clone(), true)
+                .map_err(|e| DaemonError::runtime(format_args!("volume {}", v.name), e))?;
+            Ok(Volume { dev: mirrored, ..v })
+        })
+        .collect()
+}
+
+/// Start the TCMU frontend as `[tcmu]` says. `auto` serves iSCSI only when
+/// the kernel lacks target_core_user (the common case outside LIO hosts).
+fn start_tcmu(
+    cfg: &Config,
+    registry: &Arc<Registry>,
+) -> Result<Option<tcmu::FrontendHandle>, DaemonError> {
+    if cfg.tcmu.mode == TcmuMode::Off {
+        return Ok(None);
+    }
+    let handler = tcmu::HandlerConfig {
+        subtype: cfg.tcmu.subtype.clone(),
+        workers_per_device: cfg.tcmu.workers_per_device,
+        ..tcmu::HandlerConfig::default()
+    };
+    let wrap_registry = Arc::downgrade(registry);
+    let close_registry = Arc::downgrade(registry);
+    let factory = Arc::new(tcmu::FileVolumeFactory {
+        default_engine: engine_kind(cfg.daemon.engine),
+        wrap: Some(Arc::new(
+            move |info: &tcmu::DeviceInfo, primary: SharedDev| {
+                let Some(registry) = wrap_registry.upgrade() else {
+                    return Err("daemon is stopping".to_string());
+                };
+                let mirrored = MirroredVolume::new(&info.name, primary);
+                registry
+                    .add_volume(
+                        &info.name,
+                        Path::new(&info.config.path),
+                        mirrored.clone(),
+                        true,
+                    )
+                    .map_err(|e| e.to_string())?;
+                for replica in &info.config.replicas {
+                    let r = registry.attach_replica(
+                        &info.name,
+                        replica,
+                        u64::from(info.config.copy_type.cim_value()),
+                    );
+                    info!(volume = %info.name, replica = %replica, result = ?r, "cfgstring replica attached");
+                }
+                Ok(mirrored as SharedDev)
+            },
+        )),
+        on_close: Some(Arc::new(move |info: &tcmu::DeviceInfo| {
+            if let Some(registry) = close_registry.upgrade() {
+                registry.remove_volume(&info.name);
+            }
+        })),
+    });
+    match tcmu::Frontend::start(handler, factory) {
+        Ok(h) => {
+            info!(subtype = %cfg.tcmu.subtype, "TCMU frontend started");
+            Ok(Some(h))
+        }
+        Err(e) if cfg.tcmu.mode == TcmuMode::Auto => {
+            info!("TCMU frontend not started ({e}); serving iSCSI only");
+            Ok(None)
+        }
+        Err(e) => Err(DaemonError::runtime("cannot start the TCMU frontend", e)),
+    }
+}
+
+fn engine_kind(e: Engine) -> EngineKind {
+    match e {
+        Engine::Auto => EngineKind::Auto,
+        Engine::IoUring => EngineKind::IoUring,
+        Engine::Sync => EngineKind::Sync,
+    }
 }
 
 /// Start the iSCSI server on the listeners, call `ready` once it accepts

@@ -26,12 +26,14 @@ struct Cli {
     command: Command,
 }
 
-// Client subcommands of the control socket (attach-replica, replicas, jobs,
-// detach-replica) are added here as further variants.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve LUNs over iSCSI until SIGTERM/SIGINT.
+    /// Serve LUNs over iSCSI (and TCMU when the kernel offers it) until
+    /// SIGTERM/SIGINT.
     Serve(ServeArgs),
+    /// Client subcommands talking to a running daemon's control socket.
+    #[command(flatten)]
+    Client(lunmirror::control::cli::ClientCommand),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +80,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args, signals),
+        Command::Client(cmd) => {
+            let code = lunmirror::control::cli::run(&cmd);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
     }
 }
 
