@@ -145,6 +145,26 @@ def main():
                         out.append(f"- {tgt}: {lm:.1f} µs = {lm / rtt:.2f}×"
                                    + ("" if tgt == REF else " (met)" if lm / rtt <= QD1_LAT_GOAL else " (NOT met)"))
 
+    lag = collections.OrderedDict()
+    lp = os.path.join(d, "mirror-lag.tsv")
+    if os.path.exists(lp):
+        for line in open(lp):
+            f = line.rstrip("\n").split("\t")
+            if len(f) >= 9:
+                lag.setdefault((f[1], int(f[2])), []).append(
+                    (int(f[3]), int(f[4]) / 1e6, int(f[5]) / 1e6, float(f[6]), float(f[7]), f[8]))
+    if lag:
+        out += ["", "lunmirror-async journal backlog (sampled every 0.5 s during each run; "
+                "drain = time from the end of the run until the shipper had applied everything):",
+                "", "| pattern | QD | runs | peak records | peak MB (max) | MB left at end | oldest record s "
+                "| drain s (max) | state |", "|---|---|---|---|---|---|---|---|---|"]
+        for (pat, qd), v in lag.items():
+            out.append(f"| {pat} | {qd} | {len(v)} | {fmt(med([x[0] for x in v]))} | "
+                       f"{fmt(med([x[1] for x in v]), 1)} ({fmt(max(x[1] for x in v), 1)}) | "
+                       f"{fmt(med([x[2] for x in v]), 1)} | {fmt(max(x[3] for x in v), 2)} | "
+                       f"{fmt(med([x[4] for x in v]), 2)} ({fmt(max(x[4] for x in v), 2)}) | "
+                       f"{', '.join(sorted(set(x[5] for x in v)))} |")
+
     negs = sorted(glob.glob(os.path.join(d, "login-*.json")))
     if negs:
         out += ["", "Negotiated at login (libiscsi initiator of the load generator):", ""]
@@ -217,11 +237,14 @@ def plot(d, chart, targets, ping):
         if name == "lat" and rtt:
             gp += [f"set arrow from graph 0, first {rtt:.1f} to graph 1, first {rtt:.1f} nohead dt 2 lw 2",
                    f"set label 'loopback TCP round trip 48 B/4144 B: {rtt:.1f} µs' at graph 0.02, first {rtt:.1f} offset 0,0.7"]
+        rows = [l.split('" ', 1)[1].split() for l in open(dat)]
         plots = []
         for i, t in enumerate(targets):
+            if all(r[3 * i] == "NaN" for r in rows):
+                continue            # e.g. mirror targets in a read panel
             c = 2 + 3 * i
-            plots.append(f"'{dat}' using {c}:{c + 1}:{c + 2}" + (":xtic(1)" if i == 0 else "")
-                         + f" title '{t}'")
+            plots.append(f"'{dat}' using {c}:{c + 1}:{c + 2}" + ("" if plots else ":xtic(1)")
+                         + f" title '{t}' lc {i + 1}")
         gp += [f"set title '{title}'", "plot " + ", ".join(plots)]
     gp.append("unset multiplot")
     r = subprocess.run(["gnuplot"], input="\n".join(gp) + "\n", text=True, capture_output=True)
