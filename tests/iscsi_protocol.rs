@@ -493,6 +493,48 @@ fn abort_of_a_running_command_suppresses_its_response() {
 }
 
 #[test]
+fn a_slow_device_keeps_the_reader_responsive_after_one_slow_command() {
+    // Fast reads let the reader run commands itself (inline); the first
+    // slow write then runs inline too, but it turns inline execution off,
+    // so an abort of the second slow write is seen while it runs.
+    let slow = Arc::new(common::SlowDev {
+        inner: MemDev::new(1 << 20),
+        write_delay: Duration::from_millis(300),
+    });
+    let t = common::start_devs(
+        vec![slow.clone() as SharedDev],
+        TargetLimits::default(),
+        ServerOptions::default(),
+    );
+    let mut ini = Initiator::login_ok(t.addr, ISID, 0, 0, &keys());
+    for _ in 0..40 {
+        assert_eq!(ini.scsi(&read10(0, 8), 4096, true, &[]).status, 0);
+    }
+    assert_eq!(
+        ini.scsi(&write10(0, 8), 4096, false, &pattern(4096, 1))
+            .status,
+        0
+    );
+    let c = ini.command(&write10(8, 8), 4096, false, true, true);
+    let (itt, sn) = (c.itt, c.cmd_sn);
+    ini.send_raw(&Pdu {
+        header: Bhs::ScsiCommand(c),
+        data: pattern(4096, 2),
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        tmf(&mut ini, TmfFunction::AbortTask, 0, itt, sn),
+        TmfResponse::FunctionComplete
+    );
+    assert!(
+        ini.silent_for(Duration::from_millis(200)),
+        "aborted task must not answer"
+    );
+    assert_eq!(ini.tur().status, 0);
+    t.stop();
+}
+
+#[test]
 fn logout_waits_for_running_commands() {
     let slow = Arc::new(common::SlowDev {
         inner: MemDev::new(1 << 20),

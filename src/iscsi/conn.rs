@@ -19,7 +19,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
 
@@ -99,9 +99,14 @@ struct OutQueue {
     dead: bool,
 }
 
-/// Largest data-in command the reader runs itself (see
+/// Largest command (data in or out) the reader runs itself (see
 /// `FfpReader::run_actions`).
-const INLINE_MAX_READ: u32 = 128 * 1024;
+const INLINE_MAX: u32 = 128 * 1024;
+/// A command that executes longer than this is slow: the reader stops
+/// running commands itself until `INLINE_AFTER_FAST` fast ones in a row
+/// (on workers or inline) show the device is quick again.
+const INLINE_SLOW: Duration = Duration::from_millis(1);
+const INLINE_AFTER_FAST: u32 = 16;
 
 /// Per-connection values fixed at login.
 #[derive(Debug, Clone, Copy)]
@@ -150,6 +155,9 @@ pub struct Conn {
     /// The initiator's MaxRecvDataSegmentLength (a Text Request may
     /// declare a new one).
     max_xmit: AtomicU32,
+    /// SCSI commands in a row that executed in under `INLINE_SLOW`; the
+    /// reader runs commands itself only after `INLINE_AFTER_FAST` of them.
+    fast_streak: AtomicU32,
 }
 
 impl std::fmt::Debug for Conn {
@@ -752,6 +760,7 @@ fn attach(
         text: Mutex::new((TextExchange::new(), RESERVED_TAG)),
         local,
         max_xmit: AtomicU32::new(params.max_xmit),
+        fast_streak: AtomicU32::new(0),
     });
     {
         let mut st = session.lock();
@@ -1363,23 +1372,36 @@ impl FfpReader {
         Ok(())
     }
 
-    /// Carry out what a command's arrival decided. A lone data-in command
-    /// (READ, INQUIRY, ...: their run time grows with the data they return,
-    /// which is bounded here) on a connection with nothing else running and
+    /// Carry out what a command's (or its last Data-Out's) arrival decided.
+    /// A lone short command on a connection with nothing else running and
     /// nothing more received runs right here on the reader: handing it to
     /// a worker costs two thread switches and a wake-up, more than a
-    /// page-cache read, and at queue depth 1 there is nothing to overlap it
-    /// with. Anything else, or anything while other work is in flight, goes
-    /// to the workers as before.
+    /// page-cache read or write, and at queue depth 1 there is nothing to
+    /// overlap it with. Short means at most `INLINE_MAX` bytes and either
+    /// data-in (READ, INQUIRY, ...: their run time grows with the data they
+    /// return) or a plain WRITE (not WRITE SAME, UNMAP, EXTENDED COPY...,
+    /// which can work far beyond the data they carry). Anything else, or
+    /// anything while other work is in flight, goes to the workers.
+    ///
+    /// While the reader runs a command it reads nothing, so a TMF or a
+    /// NOP-Out sent meanwhile waits for that command. Inline execution is
+    /// therefore only used while the device is fast: after a command took
+    /// more than `INLINE_SLOW`, everything goes to the workers (where the
+    /// reader stays responsive) until `INLINE_AFTER_FAST` quick commands in
+    /// a row. A device that turns slow costs at most one blocked command.
     fn run_actions(&mut self, mut acts: Actions) {
         let inline = acts.requests.is_empty()
+            && self.conn.fast_streak.load(Ordering::Relaxed) >= INLINE_AFTER_FAST
             && self.wire.buffer().is_empty()
             && matches!(acts.jobs.as_slice(), [(c, job)]
-                if Arc::ptr_eq(c, &self.conn)
-                    && job.read
-                    && !job.write
-                    && job.local.is_none()
-                    && job.expected_len <= INLINE_MAX_READ)
+            if Arc::ptr_eq(c, &self.conn)
+                && job.local.is_none()
+                && job.expected_len <= INLINE_MAX
+                && match (job.read, job.write) {
+                    (true, false) => true,
+                    (false, true) => crate::scsi::sbc::is_plain_transfer(&job.cdb),
+                    _ => false,
+                })
             && self.conn.pool_idle();
         if inline {
             if let Some((c, job)) = acts.jobs.pop() {
@@ -1481,7 +1503,7 @@ impl FfpReader {
             }
             session.publish(&st.window);
         }
-        acts.run();
+        self.run_actions(acts);
         Ok(())
     }
 }
@@ -1957,7 +1979,15 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
                     expected_in_len: edtl,
                     task_attr: task_attr(job.attr),
                 };
-                match catch_unwind(AssertUnwindSafe(|| target.luns.execute(&req))) {
+                let started = Instant::now();
+                let r = catch_unwind(AssertUnwindSafe(|| target.luns.execute(&req)));
+                let streak = if started.elapsed() < INLINE_SLOW {
+                    conn.fast_streak.load(Ordering::Relaxed).saturating_add(1)
+                } else {
+                    0
+                };
+                conn.fast_streak.store(streak, Ordering::Relaxed);
+                match r {
                     Ok(r) => r,
                     Err(_) => {
                         tracing::error!(

@@ -16,6 +16,18 @@ use crate::block::WriteFlags;
 /// whole range (VERIFY, compare loops).
 const SCAN_CHUNK: usize = 1 << 20;
 
+/// READ and WRITE (6, 10, 12, 16): the command moves its data and does no
+/// other work, so it takes about as long as one transfer of its data. A
+/// frontend may run such a command on its receiving thread instead of
+/// handing it to a worker (other writes, e.g. WRITE SAME, UNMAP or EXTENDED
+/// COPY, can touch far more than they carry and must not block it).
+pub fn is_plain_transfer(cdb: &[u8]) -> bool {
+    matches!(
+        cdb.first(),
+        Some(0x08 | 0x0a | 0x28 | 0x2a | 0xa8 | 0xaa | 0x88 | 0x8a)
+    )
+}
+
 /// Byte range of `blocks` blocks at `lba`, checked against the capacity.
 /// A zero-length range is checked too: its LBA may not lie beyond the end.
 pub(crate) fn byte_range(lu: &LogicalUnit, lba: u64, blocks: u64) -> Result<(u64, u64), ScsiError> {
@@ -566,5 +578,26 @@ pub fn sanitize(
     match block {
         Some(b) => write_pattern(lu, 0, size, &b, WriteFlags { fua: true }),
         None => lu.dev.discard(0, size).map_err(ScsiError::write),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_plain_transfer;
+
+    #[test]
+    fn plain_transfers_are_reads_and_writes_only() {
+        for op in [0x08u8, 0x0a, 0x28, 0x2a, 0xa8, 0xaa, 0x88, 0x8a] {
+            assert!(is_plain_transfer(&[op, 0, 0, 0, 0, 0]), "{op:#x}");
+        }
+        // TEST UNIT READY, INQUIRY, SYNCHRONIZE CACHE, WRITE SAME, UNMAP,
+        // EXTENDED COPY, COMPARE AND WRITE, WRITE AND VERIFY, VERIFY,
+        // WRITE SAME(16), SERVICE ACTION IN(16).
+        for op in [
+            0x00u8, 0x12, 0x35, 0x41, 0x42, 0x83, 0x89, 0x2e, 0x2f, 0x8e, 0x93, 0x9e,
+        ] {
+            assert!(!is_plain_transfer(&[op, 0, 0, 0, 0, 0]), "{op:#x}");
+        }
+        assert!(!is_plain_transfer(&[]));
     }
 }
