@@ -234,6 +234,7 @@ def plot(d, chart, targets, ping):
         # CPU per I/O spans 10 µs (4 KiB) to 1000 µs (1 MiB): log scale.
         gp += ["set logscale y", "set yrange [1:*]"] if name == "cpu" else ["unset logscale y", "set yrange [0:*]"]
         gp.append("unset arrow; unset label")
+        gp.append("set xtics font ',8'" if name == "cpu" else "set xtics font ',10'")
         if name == "lat" and rtt:
             gp += [f"set arrow from graph 0, first {rtt:.1f} to graph 1, first {rtt:.1f} nohead dt 2 lw 2",
                    f"set label 'loopback TCP round trip 48 B/4144 B: {rtt:.1f} µs' at graph 0.02, first {rtt:.1f} offset 0,0.7"]
