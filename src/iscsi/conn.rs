@@ -1909,13 +1909,15 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
                 // to move only that: INVALID FIELD IN COMMAND INFORMATION UNIT.
                 check_condition(session::SENSE_ILLEGAL_REQUEST, 0x0e, 0x03)
             } else {
-                let n = spdtl.map_or(job.data.len(), |sp| (sp as usize).min(job.data.len()));
-                let data_out = job.data.get(..n).unwrap_or(&[]);
+                // Everything received (at most EDTL), not cut to the CDB's
+                // length: the core judges a mismatch (COMPARE AND WRITE
+                // with more data than NUMBER OF LOGICAL BLOCKS is an error,
+                // a longer WRITE just has surplus).
                 let req = ScsiRequest {
                     cdb: &job.cdb,
                     lun,
                     nexus,
-                    data_out,
+                    data_out: &job.data,
                     expected_in_len: edtl,
                     task_attr: task_attr(job.attr),
                 };
