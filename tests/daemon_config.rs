@@ -190,6 +190,45 @@ fn read_only_lun_refuses_writes() {
     );
 }
 
+/// libiscsi's ReadOnly suite against the read-only LUN: WRITE 10/12/16,
+/// WRITE SAME, UNMAP... must all fail with DATA PROTECT / WRITE PROTECTED
+/// (the suite skips itself on a writable LU, so its asserts are checked).
+#[test]
+fn read_only_lun_passes_libiscsi_readonly_suite() {
+    if !require_tools(&["iscsi-test-cu"]) {
+        return;
+    }
+    let (d, golden) = start_two_targets();
+    let out = run(
+        Command::new("iscsi-test-cu")
+            .args(["--test=ALL.ReadOnly", "--dataloss", "--fail"])
+            .arg(d.lun_url(B, 0)),
+        T,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("not write protected"), "{text}");
+    let asserts: Vec<&str> = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("asserts"))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    // asserts  Total  Ran  Passed  Failed  Inactive
+    let passed: u32 = asserts.get(3).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let failed: u32 = asserts.get(4).and_then(|v| v.parse().ok()).unwrap_or(1);
+    assert!(passed >= 5 && failed == 0, "{text}");
+    let golden_path = d.tmp().join("golden.img");
+    let _tmp = d.stop();
+    assert!(
+        std::fs::read(golden_path).unwrap() == golden,
+        "read-only file changed"
+    );
+}
+
 #[test]
 fn config_portals_on_ipv4_and_ipv6() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
