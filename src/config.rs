@@ -29,6 +29,10 @@ pub const DEFAULT_PORTAL: &str = "127.0.0.1:3260";
 /// Size of a LUN whose backing file does not exist yet and whose size is not
 /// configured.
 pub const DEFAULT_LUN_SIZE: u64 = 1 << 30;
+/// SANITIZE OVERWRITE throughput limit (bytes per second) of a LUN without
+/// `sanitize_rate`: about what a disk sustains, so wiping one volume does
+/// not starve the others on the same storage.
+pub const DEFAULT_SANITIZE_RATE: u64 = 128 << 20;
 /// RFC 7143 §12.1.3: CHAP secrets SHOULD be at least 96 bits.
 pub const RECOMMENDED_CHAP_SECRET_LEN: usize = 12;
 /// Largest LUN id we accept (flat space addressing, SAM-5).
@@ -208,6 +212,8 @@ pub struct LunConfig {
     pub serial: String,
     /// NAA type 6 designator (VPD 0x83).
     pub wwn: [u8; 16],
+    /// SANITIZE OVERWRITE throughput limit, bytes per second (0: none).
+    pub sanitize_rate: u64,
     /// Key path of this LUN (`target[0].lun[1]`), for preflight messages.
     pub key: String,
 }
@@ -278,6 +284,7 @@ struct RawLun {
     read_only: Option<bool>,
     serial: Option<String>,
     wwn: Option<String>,
+    sanitize_rate: Option<toml::Value>,
 }
 
 // ---------------------------------------------------------------------------
@@ -328,6 +335,7 @@ impl Config {
                     read_only: None,
                     serial: None,
                     wwn: None,
+                    sanitize_rate: None,
                 }],
             }],
         };
@@ -680,6 +688,14 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
                 }
             }
 
+            let sanitize_rate = match &l.sanitize_rate {
+                Some(v) => size_from_value(v).unwrap_or_else(|m| {
+                    errs.push(ConfigError::new(format!("{lk}.sanitize_rate"), m));
+                    0
+                }),
+                None => DEFAULT_SANITIZE_RATE,
+            };
+
             luns.insert(
                 l.id,
                 LunConfig {
@@ -692,6 +708,7 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
                     read_only: l.read_only.unwrap_or(false),
                     serial,
                     wwn,
+                    sanitize_rate,
                     key: lk,
                 },
             );
@@ -1361,6 +1378,24 @@ volume = "other"
             );
         }
         parse(&MIN.replace("id = 0", "id = 16383")).unwrap();
+        rejects(
+            &with("sanitize_rate = \"fast\""),
+            "target[0].lun[0].sanitize_rate",
+            "",
+        );
+        rejects(
+            &with("sanitize_rate = -1"),
+            "target[0].lun[0].sanitize_rate",
+            "negative",
+        );
+    }
+
+    #[test]
+    fn sanitize_rate() {
+        let rate = |text: &str| parse(text).unwrap().targets[0].luns[0].sanitize_rate;
+        assert_eq!(rate(MIN), DEFAULT_SANITIZE_RATE);
+        assert_eq!(rate(&format!("{MIN}sanitize_rate = \"64M\"\n")), 64 << 20);
+        assert_eq!(rate(&format!("{MIN}sanitize_rate = 0\n")), 0);
     }
 
     #[test]

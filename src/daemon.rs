@@ -421,7 +421,8 @@ pub fn build_targets(
             revision: revision(),
         };
         if let Some(m) = maps.get_mut(r.target) {
-            m.insert(r.lun.id, Arc::new(LogicalUnit::new(lu, v.dev.clone())));
+            let unit = LogicalUnit::new(lu, v.dev.clone()).with_sanitize_rate(r.lun.sanitize_rate);
+            m.insert(r.lun.id, Arc::new(unit));
         }
     }
     cfg.targets
