@@ -214,8 +214,24 @@ pub struct LunConfig {
     pub wwn: [u8; 16],
     /// SANITIZE OVERWRITE throughput limit, bytes per second (0: none).
     pub sanitize_rate: u64,
+    /// Physical block size reported in READ CAPACITY(16).
+    pub physical_block_size: PhysicalBlockSize,
     /// Key path of this LUN (`target[0].lun[1]`), for preflight messages.
     pub key: String,
+}
+
+/// The physical block size a LUN reports (logical blocks per physical
+/// block in READ CAPACITY(16)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PhysicalBlockSize {
+    /// Not set: one logical block per physical block.
+    #[default]
+    Logical,
+    /// `"auto"`: the backing storage's (file system block or physical
+    /// sector size), found when the volume is opened.
+    Auto,
+    /// A power of two from the block size to 64 KiB.
+    Bytes(u32),
 }
 
 /// Where a LUN's size comes from; the daemon resolves it against the backing
@@ -285,6 +301,7 @@ struct RawLun {
     serial: Option<String>,
     wwn: Option<String>,
     sanitize_rate: Option<toml::Value>,
+    physical_block_size: Option<toml::Value>,
 }
 
 // ---------------------------------------------------------------------------
@@ -336,6 +353,7 @@ impl Config {
                     serial: None,
                     wwn: None,
                     sanitize_rate: None,
+                    physical_block_size: None,
                 }],
             }],
         };
@@ -696,6 +714,32 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
                 None => DEFAULT_SANITIZE_RATE,
             };
 
+            let physical_block_size = match &l.physical_block_size {
+                None => PhysicalBlockSize::Logical,
+                Some(toml::Value::String(s)) if s == "auto" => PhysicalBlockSize::Auto,
+                Some(v) => match size_from_value(v) {
+                    Ok(b) if b.is_power_of_two() && b >= u64::from(block_size) && b <= 65536 => {
+                        PhysicalBlockSize::Bytes(b as u32)
+                    }
+                    Ok(b) => {
+                        errs.push(ConfigError::new(
+                            format!("{lk}.physical_block_size"),
+                            format!(
+                                "{b} is not a power of two from the block size {block_size} to 65536"
+                            ),
+                        ));
+                        PhysicalBlockSize::Logical
+                    }
+                    Err(m) => {
+                        errs.push(ConfigError::new(
+                            format!("{lk}.physical_block_size"),
+                            format!("{m} (or \"auto\")"),
+                        ));
+                        PhysicalBlockSize::Logical
+                    }
+                },
+            };
+
             luns.insert(
                 l.id,
                 LunConfig {
@@ -709,6 +753,7 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
                     serial,
                     wwn,
                     sanitize_rate,
+                    physical_block_size,
                     key: lk,
                 },
             );
@@ -1387,6 +1432,42 @@ volume = "other"
             &with("sanitize_rate = -1"),
             "target[0].lun[0].sanitize_rate",
             "negative",
+        );
+    }
+
+    #[test]
+    fn physical_block_size() {
+        let pbs = |extra: &str| {
+            parse(&format!("{MIN}{extra}\n")).unwrap().targets[0].luns[0].physical_block_size
+        };
+        assert_eq!(pbs(""), PhysicalBlockSize::Logical);
+        assert_eq!(
+            pbs("physical_block_size = \"auto\""),
+            PhysicalBlockSize::Auto
+        );
+        assert_eq!(
+            pbs("physical_block_size = \"4K\""),
+            PhysicalBlockSize::Bytes(4096)
+        );
+        assert_eq!(
+            pbs("physical_block_size = 512"),
+            PhysicalBlockSize::Bytes(512)
+        );
+        let key = "target[0].lun[0].physical_block_size";
+        rejects(
+            &format!("{MIN}physical_block_size = 3000\n"),
+            key,
+            "power of two",
+        );
+        rejects(
+            &format!("{MIN}physical_block_size = 1024\nblock_size = 4096\nsize = \"1M\"\n"),
+            key,
+            "from the block size 4096",
+        );
+        rejects(
+            &format!("{MIN}physical_block_size = \"big\"\n"),
+            key,
+            "auto",
         );
     }
 

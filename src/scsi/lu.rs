@@ -79,6 +79,8 @@ pub struct LogicalUnit {
     copies: Mutex<CopyResults>,
     /// SANITIZE running in the background, or failed.
     pub(crate) sanitizer: Sanitizer,
+    /// log2(logical blocks per physical block), READ CAPACITY(16).
+    pub(crate) lbppbe: u8,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -120,7 +122,23 @@ impl LogicalUnit {
             stopped: AtomicBool::new(false),
             copies: Mutex::new(CopyResults::default()),
             sanitizer: Sanitizer::default(),
+            lbppbe: 0,
         }
+    }
+
+    /// The backing storage writes in units of `bytes` (a power of two;
+    /// e.g. the file system block of a backing file): READ CAPACITY(16)
+    /// reports that many logical blocks per physical block, like a 512e
+    /// disk, so initiators align to it. Sizes not above the logical block
+    /// size (or not a power of two) report one block per physical block.
+    pub fn with_physical_block_size(mut self, bytes: u32) -> Self {
+        let bs = self.block_size();
+        self.lbppbe = if bytes.is_power_of_two() && bytes > bs {
+            (bytes.trailing_zeros() - bs.trailing_zeros()).min(15) as u8
+        } else {
+            0
+        };
+        self
     }
 
     /// Limit the throughput of SANITIZE OVERWRITE to `bytes_per_sec`

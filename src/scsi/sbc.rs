@@ -59,6 +59,7 @@ pub fn read_capacity16(lu: &LogicalUnit, alloc_len: u32) -> Vec<u8> {
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&lu.blocks().saturating_sub(1).to_be_bytes());
     d[8..12].copy_from_slice(&lu.block_size().to_be_bytes());
+    d[13] = lu.lbppbe & 0x0F; // LOWEST ALIGNED LBA (bytes 14-15) stays 0
     if lu.dev.caps().discard {
         d[14] = 0xC0; // LBPME, LBPRZ
     }
