@@ -27,7 +27,9 @@ use tracing::{error, info, warn};
 use crate::block::file::{EngineKind, FileDev, FileDevOptions};
 use crate::block::SharedDev;
 use crate::config::TcmuMode;
-use crate::config::{self, Config, ConfigError, ConfigErrors, Engine, LunConfig, SizeSpec};
+use crate::config::{
+    self, Config, ConfigError, ConfigErrors, Engine, LunConfig, PhysicalBlockSize, SizeSpec,
+};
 use crate::control::ControlServer;
 use crate::iscsi::negotiate::TargetLimits;
 use crate::iscsi::{ChapCredentials, Server, TargetDef};
@@ -401,6 +403,37 @@ fn revision() -> String {
     r
 }
 
+/// The unit the storage under `path` writes in: the physical sector size
+/// of a block device, the preferred I/O size (file system block) of a
+/// file, at most 64 KiB; 0 if unknown.
+pub fn physical_block_size(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(path) else {
+        return 0;
+    };
+    let bytes = if meta.file_type().is_block_device() {
+        let dev = meta.rdev();
+        let sys = PathBuf::from(format!(
+            "/sys/dev/block/{}:{}",
+            nix::sys::stat::major(dev),
+            nix::sys::stat::minor(dev)
+        ));
+        // A partition has no queue/ of its own: its disk's applies.
+        ["queue/physical_block_size", "../queue/physical_block_size"]
+            .iter()
+            .find_map(|f| fs::read_to_string(sys.join(f)).ok())
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    } else {
+        meta.blksize()
+    };
+    if bytes.is_power_of_two() && bytes <= 65536 {
+        bytes as u32
+    } else {
+        0
+    }
+}
+
 /// Build the server's target definitions from the config, the opened
 /// volumes (in `preflight` order) and the bound portals.
 pub fn build_targets(
@@ -422,7 +455,14 @@ pub fn build_targets(
             revision: revision(),
         };
         if let Some(m) = maps.get_mut(r.target) {
-            m.insert(r.lun.id, Arc::new(LogicalUnit::new(lu, v.dev.clone())));
+            let unit = LogicalUnit::new(lu, v.dev.clone())
+                .with_sanitize_rate(r.lun.sanitize_rate)
+                .with_physical_block_size(match r.lun.physical_block_size {
+                    PhysicalBlockSize::Logical => 0,
+                    PhysicalBlockSize::Auto => physical_block_size(&v.path),
+                    PhysicalBlockSize::Bytes(b) => b,
+                });
+            m.insert(r.lun.id, Arc::new(unit));
         }
     }
     cfg.targets
@@ -712,6 +752,22 @@ fn run_frontends(
 mod tests {
     use super::*;
     use crate::config::Overrides;
+
+    #[test]
+    fn physical_block_size_of_a_file_is_its_io_block() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f.img");
+        fs::write(&p, [0u8; 4096]).unwrap();
+        let want = fs::metadata(&p).unwrap().blksize();
+        let got = physical_block_size(&p);
+        if want.is_power_of_two() && want <= 65536 {
+            assert_eq!(u64::from(got), want);
+        } else {
+            assert_eq!(got, 0);
+        }
+        assert_eq!(physical_block_size(&d.path().join("missing")), 0);
+    }
 
     fn cfg_in(dir: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let ov = Overrides {

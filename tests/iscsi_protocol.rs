@@ -827,3 +827,30 @@ fn data_out_errors_fail_only_the_command() {
     assert_eq!(ini.tur().status, 0);
     t.stop();
 }
+
+/// The core sees all the data-out the initiator sent, not just what the
+/// CDB describes: COMPARE AND WRITE with NUMBER OF LOGICAL BLOCKS 0 (the
+/// u8 wrap of 256) but 2 x 256 blocks of data is INVALID FIELD IN CDB
+/// (libiscsi CompareAndWrite.Simple), while a matching one succeeds.
+#[test]
+fn compare_and_write_data_out_longer_than_its_cdb_is_refused() {
+    let t = common::start(&[4 << 20]);
+    let mut ini = Initiator::login_ok(t.addr, ISID, 0, 0, &keys());
+    let caw = |blocks: u8| {
+        let mut c = [0u8; 16];
+        c[0] = 0x89;
+        c[13] = blocks;
+        c
+    };
+    let data = vec![0u8; 2 * 256 * 512];
+    let r = ini.scsi(&caw(0), data.len() as u32, false, &data);
+    assert_eq!(r.status, 2, "{r:?}");
+    assert_eq!(
+        (r.sense.get(2).map(|k| k & 0x0f), r.sense.get(12)),
+        (Some(5), Some(&0x24)),
+        "{r:?}"
+    );
+    let r = ini.scsi(&caw(1), 1024, false, &data[..1024]);
+    assert_eq!(r.status, 0, "{r:?}");
+    t.stop();
+}

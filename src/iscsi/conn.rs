@@ -781,6 +781,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
     let graceful = conn.logged_out.load(Ordering::Acquire);
     let mut released = Actions::default();
     let session_over;
+    let mut had_running = false;
     {
         let mut st = session.lock();
         if st
@@ -796,6 +797,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
                 .get(&itt)
                 .is_some_and(|t| matches!(t.phase, TaskPhase::Running));
             if running {
+                had_running = true;
                 if let Some(t) = st.tasks.get_mut(&itt) {
                     t.aborted = true;
                 }
@@ -820,6 +822,13 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
         q.pending.clear();
     }
     let _ = conn.stream.shutdown(Shutdown::Both);
+    if had_running {
+        // Do not wait for a SANITIZE (IMMED = 0) to finish its background
+        // operation: nobody is left to receive its status.
+        if let (Some(t), Some(n)) = (session.target(), session.nexus()) {
+            t.luns.cancel_waits(None, Some(n));
+        }
+    }
     conn.stop_workers();
     if session_over {
         // A reinstated session was taken out of the registry (and its
@@ -1744,6 +1753,20 @@ fn handle_tmf(conn: &Arc<Conn>, t: TaskMgmtRequest) {
         TmfFunction::ClearAca | TmfFunction::Other(_) => TmfResponse::NotSupported,
     };
     let needs_wait = waits.iter().any(|(_, r)| !r.is_empty());
+    if needs_wait {
+        // Commands that only wait for a background operation (SANITIZE
+        // with IMMED = 0) return now instead of holding up the TMF.
+        match (t.function, session.nexus()) {
+            (TmfFunction::AbortTask | TmfFunction::AbortTaskSet, Some(n)) => {
+                target.luns.cancel_waits(lun_num, Some(n))
+            }
+            (TmfFunction::AbortTask | TmfFunction::AbortTaskSet, None) => {}
+            (TmfFunction::ClearTaskSet | TmfFunction::LogicalUnitReset, _) => {
+                target.luns.cancel_waits(lun_num, None)
+            }
+            _ => target.luns.cancel_waits(None, None),
+        }
+    }
     if !needs_wait && scsi_effect.is_none() && !close_all {
         conn.send(tmf_response(t.itt, response));
         return;
@@ -1909,13 +1932,15 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
                 // to move only that: INVALID FIELD IN COMMAND INFORMATION UNIT.
                 check_condition(session::SENSE_ILLEGAL_REQUEST, 0x0e, 0x03)
             } else {
-                let n = spdtl.map_or(job.data.len(), |sp| (sp as usize).min(job.data.len()));
-                let data_out = job.data.get(..n).unwrap_or(&[]);
+                // Everything received (at most EDTL), not cut to the CDB's
+                // length: the core judges a mismatch (COMPARE AND WRITE
+                // with more data than NUMBER OF LOGICAL BLOCKS is an error,
+                // a longer WRITE just has surplus).
                 let req = ScsiRequest {
                     cdb: &job.cdb,
                     lun,
                     nexus,
-                    data_out,
+                    data_out: &job.data,
                     expected_in_len: edtl,
                     task_attr: task_attr(job.attr),
                 };
