@@ -1246,8 +1246,8 @@ impl Registry {
         }
     }
 
-    /// CIM_ConcreteJob.RequestStateChange. Terminate/Kill wait (briefly)
-    /// until the job has stopped.
+    /// CIM_ConcreteJob.RequestStateChange. Start/Suspend/Terminate/Kill
+    /// wait (briefly) until the job has reached the requested state.
     pub fn request_job_state_change(
         &self,
         job: &str,
@@ -1258,9 +1258,18 @@ impl Registry {
             return ReturnValue::InvalidParameter;
         };
         let rv = self.jobs.request_state_change(id, requested, timeout_given);
-        if rv == ReturnValue::Completed && (requested == 4 || requested == 5) {
+        // The job's thread acts on a request between copy steps. Report 0
+        // only once the job has reached the requested state (a Suspend that
+        // returned 0 must mean no further region is copied), 4096 if that
+        // takes longer than 5 s.
+        let reached = |s: JobState| match requested {
+            2 => s != JobState::Suspended,
+            3 => s == JobState::Suspended || s.is_finished(),
+            _ => s.is_finished(),
+        };
+        if rv == ReturnValue::Completed && matches!(requested, 2..=5) {
             let deadline = Instant::now() + Duration::from_secs(5);
-            while self.jobs.state(id).is_some_and(|s| !s.is_finished()) {
+            while self.jobs.state(id).is_some_and(|s| !reached(s)) {
                 if Instant::now() >= deadline {
                     return ReturnValue::JobStarted;
                 }
