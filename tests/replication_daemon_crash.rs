@@ -1,0 +1,244 @@
+//! SIGKILL under load with the real daemon: `qemu-img convert` streams
+//! pseudo-random images onto the LUN (parallel, out-of-order writes) while
+//! a Sync or Async replica is attached; the daemon gets SIGKILL in the
+//! middle of a pass, is restarted on the same state directory, resumes the
+//! association (Async: journal replay; both: resync of the regions the
+//! activity log marked) and the replica converges to the primary byte for
+//! byte. The association keeps mirroring new writes afterwards.
+
+mod common;
+mod replication_daemon;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use replication_daemon::*;
+
+const SIZE: u64 = 64 * M;
+const WAIT: Duration = Duration::from_secs(90);
+
+fn start(state: &Path) -> Daemon {
+    Daemon::builder()
+        .state_dir(state)
+        .arg("--size")
+        .arg(SIZE.to_string())
+        .start()
+}
+
+fn convert(src: &Path, url: &str) -> Child {
+    Command::new("qemu-img")
+        .args(["convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw"])
+        .arg(src)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-img")
+}
+
+fn wait_child(c: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Run passes of `qemu-img convert` back to back for a while, then SIGKILL
+/// the daemon while a pass is running (a third of the fastest pass after
+/// it started, so its writes are in flight).
+fn kill_during_convert(mut d: Daemon, images: &[PathBuf]) {
+    const LOAD: Duration = Duration::from_millis(1500);
+    let url = lun0(&d);
+    let t0 = Instant::now();
+    let mut fastest = Duration::MAX;
+    let mut n = 0;
+    loop {
+        let started = Instant::now();
+        let mut c = convert(&images[n % images.len()], &url);
+        n += 1;
+        let kill_at = (fastest / 3).min(Duration::from_millis(150));
+        let in_time = t0.elapsed() >= LOAD;
+        if in_time {
+            if let Some(st) = wait_child(&mut c, kill_at) {
+                assert!(st.success(), "qemu-img convert pass {n}: {st}");
+                fastest = fastest.min(started.elapsed());
+                assert!(n < 50, "could not catch qemu-img in the middle of a pass");
+                continue;
+            }
+            // A pass is running: pull the plug.
+            let mut rpc = Rpc::to(&d);
+            let before = rpc.synchronized();
+            let status = d.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
+            println!(
+                "SIGKILL {:?} into pass {n} (fastest pass {fastest:?}); associations then: {before:?}; daemon: {status}",
+                started.elapsed()
+            );
+            // The initiator cannot finish now (it would retry the
+            // connection for a long time).
+            let _ = c.kill();
+            let _ = c.wait();
+            return;
+        }
+        let st = wait_child(&mut c, WAIT).expect("qemu-img convert did not finish");
+        assert!(st.success(), "qemu-img convert pass {n}: {st}");
+        fastest = fastest.min(started.elapsed());
+    }
+}
+
+fn kill_under_load(copy_type: &str) {
+    if !qemu_iscsi_supported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let replica = dir.path().join(format!("{copy_type}-replica.img"));
+    filled_file(&replica, SIZE, 0xee);
+    let images: Vec<PathBuf> = (0..3u64)
+        .map(|i| {
+            let p = dir.path().join(format!("load{i}.img"));
+            std::fs::write(&p, pseudo_random(SIZE as usize, 0xc0ffee + i)).unwrap();
+            p
+        })
+        .collect();
+
+    let d = start(&state);
+    qemu_io(&lun0(&d), &["write -P 0x11 0 8M"]);
+    let out = cli_ok(
+        &d,
+        &[
+            "attach-replica",
+            "--source",
+            "lun0",
+            "--target",
+            replica.to_str().unwrap(),
+            "--copy-type",
+            copy_type,
+            "--wait",
+        ],
+    );
+    let sync = out.split_whitespace().next().unwrap().to_string();
+    let primary = volume_file(&d, "lun0");
+    assert_files_same("after the initial copy", &replica, &primary);
+    let before_load = std::fs::read(&primary).unwrap();
+
+    kill_during_convert(d, &images);
+    let after_kill = std::fs::read(&primary).unwrap();
+    assert_ne!(after_kill, before_load, "the load wrote nothing");
+
+    // Same state dir: the association comes back and converges.
+    let d = start(&state);
+    let mut rpc = Rpc::to(&d);
+    let s = rpc.sync(&sync).expect("association resumed after SIGKILL");
+    println!("after restart: {s}");
+    let s = rpc.wait_converged(&sync, WAIT);
+    assert_eq!(s["OutOfSyncBytes"], 0, "{s}");
+    assert_files_same(
+        &format!("{copy_type} replica after SIGKILL + restart"),
+        &replica,
+        &primary,
+    );
+    // No initiator wrote since the kill: the primary is what it was then.
+    assert_same(
+        "primary after restart",
+        &std::fs::read(&primary).unwrap(),
+        &after_kill,
+    );
+
+    // It keeps mirroring.
+    let mut q = QemuIo::open(&lun0(&d));
+    q.cmd("write -f -P 0x5c 1M 2M");
+    q.cmd("write -P 0x5d 60M 4M");
+    if copy_type == "sync" {
+        assert_range_is("Sync write after restart", &replica, M, 2 * M, 0x5c);
+    }
+    q.close();
+    rpc.wait_converged(&sync, WAIT);
+    assert_files_same("replica after more writes", &replica, &primary);
+    let tmp = d.stop();
+    assert_files_same("replica after SIGTERM", &replica, &primary);
+    drop(tmp);
+}
+
+#[test]
+fn async_replica_converges_after_sigkill_under_load() {
+    kill_under_load("async");
+}
+
+#[test]
+fn sync_replica_converges_after_sigkill_under_load() {
+    kill_under_load("sync");
+}
+
+/// SIGKILL while the initial Sync copy is half done (the copy job is
+/// suspended so the kill certainly lands mid-copy) and writes went to
+/// copied and not-yet-copied regions: after the restart the copy resumes
+/// and the replica equals the primary.
+#[test]
+fn sigkill_during_the_initial_copy_resumes_it() {
+    if !qemu_iscsi_supported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("volumes")).unwrap();
+    std::fs::write(
+        state.join("volumes/lun0.img"),
+        pseudo_random(SIZE as usize, 0xfeed),
+    )
+    .unwrap();
+    let replica = dir.path().join("copy-replica.img");
+    filled_file(&replica, SIZE, 0xee);
+    let mut d = start(&state);
+    let primary = volume_file(&d, "lun0");
+    let mut q = QemuIo::open(&lun0(&d));
+    let mut rpc = Rpc::to(&d);
+    let r = rpc.attach("lun0", replica.to_str().unwrap(), SYNC);
+    assert_eq!(r["ReturnValue"], JOB_STARTED, "{r}");
+    let (job, sync) = (
+        r["Job"].as_str().unwrap().to_string(),
+        r["Synchronization"].as_str().unwrap().to_string(),
+    );
+    // Let it copy a little, then hold it.
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(rpc.job_state_change(&job, 3), 0);
+    let j = rpc.job(&job);
+    assert!(j["PercentComplete"].as_i64().unwrap() < 100, "{j}");
+    for i in 0..16u64 {
+        q.cmd(&format!(
+            "write -P {:#x} {} 256k",
+            0x20 + i,
+            i * 4 * M + 512 * 1024
+        ));
+    }
+    d.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
+    drop(q);
+    drop(d);
+
+    let d = start(&state);
+    let mut rpc = Rpc::to(&d);
+    rpc.wait_converged(&sync, WAIT);
+    assert_files_same(
+        "replica after an interrupted initial copy",
+        &replica,
+        &primary,
+    );
+    for i in 0..16u64 {
+        assert_range_is(
+            "write during the copy",
+            &primary,
+            i * 4 * M + 512 * 1024,
+            256 << 10,
+            0x20 + i as u8,
+        );
+    }
+    d.stop();
+}
