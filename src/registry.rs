@@ -600,17 +600,28 @@ impl Registry {
                 continue;
             };
             let size = vol.size_bytes();
-            let replica = match self.open_replica(&s.target) {
-                Ok(d) if d.size() >= size => d,
+            // A replica that cannot be used makes the association Broken at
+            // once (not at the first write that fails on it).
+            let (replica, unusable) = match self.open_replica(&s.target) {
+                Ok(d) if d.size() >= size => (d, None),
                 Ok(d) => {
                     tracing::error!(sync = s.id, "replica is smaller than the source now");
-                    Arc::new(crate::mirror::fault::FaultDev::unavailable(
+                    let why = format!(
+                        "replica {} is smaller ({} bytes) than the source ({size} bytes)",
+                        s.target.display(),
+                        d.size()
+                    );
+                    let dev = Arc::new(crate::mirror::fault::FaultDev::unavailable(
                         d.size().max(size),
-                    )) as SharedDev
+                    )) as SharedDev;
+                    (dev, Some(why))
                 }
                 Err(e) => {
                     tracing::error!(sync = s.id, target = %s.target.display(), error = %e, "cannot open replica; association is Broken");
-                    Arc::new(crate::mirror::fault::FaultDev::unavailable(size)) as SharedDev
+                    let why = format!("cannot open replica {}: {e}", s.target.display());
+                    let dev =
+                        Arc::new(crate::mirror::fault::FaultDev::unavailable(size)) as SharedDev;
+                    (dev, Some(why))
                 }
             };
             let setup = self.setup(s.id, s.copy_type, &vol, replica, s.region_size);
@@ -621,7 +632,7 @@ impl Registry {
                 s.error.clone(),
                 s.when_synced_ms.map(from_unix_ms),
             );
-            let (assoc, action) = match reopened {
+            let (assoc, mut action) = match reopened {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::error!(sync = s.id, error = %e, "cannot reopen association state; kept dormant");
@@ -629,6 +640,14 @@ impl Registry {
                     continue;
                 }
             };
+            if let Some(why) = unusable {
+                // The copy it would resume cannot run: its regions stay out
+                // of sync for a Resync.
+                assoc.fail(why.clone());
+                if matches!(action, ResumeAction::Copy(_)) {
+                    action = ResumeAction::Interrupted(why);
+                }
+            }
             let target_id = match &s.target {
                 TargetRef::Path(p) => file_id(p),
                 TargetRef::Volume(v) => self.locked().volumes.get(v).and_then(|e| e.id),
