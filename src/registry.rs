@@ -105,6 +105,74 @@ pub fn open_target_file(path: &Path) -> io::Result<SharedDev> {
     }
 }
 
+/// The replica of a resumed association whose file could not be used at
+/// startup (missing, unreadable, too small). Every operation first tries to
+/// open it again, so once the file is back a Resync works without
+/// restarting the daemon; until then every operation fails (the
+/// association is Broken and sends nothing but the Resync copy here).
+struct ReopeningReplica {
+    path: PathBuf,
+    /// The source's size: the least the file must have.
+    size: u64,
+    opener: TargetOpener,
+    dev: Mutex<Option<SharedDev>>,
+}
+
+impl ReopeningReplica {
+    fn dev(&self) -> crate::block::BlockResult<SharedDev> {
+        let mut g = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = &*g {
+            return Ok(d.clone());
+        }
+        let d = (self.opener)(&self.path).map_err(crate::block::BlockError::from_io)?;
+        if d.size() < self.size {
+            return Err(crate::block::BlockError::Io(io::Error::other(format!(
+                "replica {} is smaller ({} bytes) than the source ({} bytes)",
+                self.path.display(),
+                d.size(),
+                self.size
+            ))));
+        }
+        tracing::info!(replica = %self.path.display(), "replica opened again");
+        *g = Some(d.clone());
+        Ok(d)
+    }
+}
+
+impl crate::block::BlockDev for ReopeningReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::block::BlockResult<()> {
+        self.dev()?.read_at(buf, offset)
+    }
+    fn write_at(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        flags: crate::block::WriteFlags,
+    ) -> crate::block::BlockResult<()> {
+        self.dev()?.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> crate::block::BlockResult<()> {
+        self.dev()?.flush()
+    }
+    fn caps(&self) -> crate::block::BlockCaps {
+        self.dev().map(|d| d.caps()).unwrap_or_default()
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::block::BlockResult<()> {
+        self.dev()?.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: crate::block::WriteFlags,
+    ) -> crate::block::BlockResult<()> {
+        self.dev()?.write_zeroes(offset, len, flags)
+    }
+}
+
 /// Registry settings.
 #[derive(Clone)]
 pub struct RegistryConfig {
@@ -559,6 +627,21 @@ impl Registry {
         }
     }
 
+    /// Stand-in for a replica that could not be used at startup: a path
+    /// is tried again on every operation (see [`ReopeningReplica`]); a
+    /// volume that is not configured stays unavailable.
+    fn reopening_replica(&self, target: &TargetRef, size: u64) -> SharedDev {
+        match target {
+            TargetRef::Path(p) => Arc::new(ReopeningReplica {
+                path: p.clone(),
+                size,
+                opener: self.cfg.opener.clone(),
+                dev: Mutex::new(None),
+            }),
+            TargetRef::Volume(_) => Arc::new(crate::mirror::fault::FaultDev::unavailable(size)),
+        }
+    }
+
     fn setup(
         &self,
         id: u64,
@@ -611,17 +694,12 @@ impl Registry {
                         s.target.display(),
                         d.size()
                     );
-                    let dev = Arc::new(crate::mirror::fault::FaultDev::unavailable(
-                        d.size().max(size),
-                    )) as SharedDev;
-                    (dev, Some(why))
+                    (self.reopening_replica(&s.target, size), Some(why))
                 }
                 Err(e) => {
                     tracing::error!(sync = s.id, target = %s.target.display(), error = %e, "cannot open replica; association is Broken");
                     let why = format!("cannot open replica {}: {e}", s.target.display());
-                    let dev =
-                        Arc::new(crate::mirror::fault::FaultDev::unavailable(size)) as SharedDev;
-                    (dev, Some(why))
+                    (self.reopening_replica(&s.target, size), Some(why))
                 }
             };
             let setup = self.setup(s.id, s.copy_type, &vol, replica, s.region_size);
