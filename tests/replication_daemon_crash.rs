@@ -207,8 +207,7 @@ fn sigkill_during_the_initial_copy_resumes_it() {
         r["Job"].as_str().unwrap().to_string(),
         r["Synchronization"].as_str().unwrap().to_string(),
     );
-    // Let it copy a little, then hold it.
-    std::thread::sleep(Duration::from_millis(20));
+    // Hold the copy where it is (a 64 MiB copy can be done in 20 ms).
     assert_eq!(rpc.job_state_change(&job, 3), 0);
     let j = rpc.job(&job);
     assert!(j["PercentComplete"].as_i64().unwrap() < 100, "{j}");
@@ -240,5 +239,149 @@ fn sigkill_during_the_initial_copy_resumes_it() {
             0x20 + i as u8,
         );
     }
+    d.stop();
+}
+
+/// SIGTERM with a Sync and an Async association: the restart finds both
+/// Synchronized with nothing to resync (a clean stop clears the activity
+/// log, the Async journal was drained), and they keep mirroring. The
+/// daemon's socket is at a `--control-socket` path this time.
+#[test]
+fn clean_restart_resumes_associations_without_resync() {
+    if !qemu_iscsi_supported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let sock = dir.path().join("ctl.sock");
+    let start_here = || {
+        Daemon::builder()
+            .state_dir(&state)
+            .arg("--size")
+            .arg("64M")
+            .arg("--control-socket")
+            .arg(&sock)
+            .start()
+    };
+    let rs = dir.path().join("rs.img");
+    let ra = dir.path().join("ra.img");
+    filled_file(&rs, SIZE, 0xee);
+    filled_file(&ra, SIZE, 0xee);
+    let d = start_here();
+    assert!(!socket(&d).exists(), "socket at the default path too");
+    {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let m = std::fs::metadata(&sock).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    }
+    let mut rpc = Rpc::connect(&sock);
+    let mut ids = Vec::new();
+    for (r, ct) in [(&rs, SYNC), (&ra, ASYNC)] {
+        let v = rpc.attach("lun0", r.to_str().unwrap(), ct);
+        assert_eq!(v["ReturnValue"], JOB_STARTED, "{v}");
+        rpc.wait_job(v["Job"].as_str().unwrap(), WAIT);
+        ids.push(v["Synchronization"].as_str().unwrap().to_string());
+    }
+    // The CLI finds the socket through --control-socket.
+    let listed = run_ok(
+        Command::new(BIN)
+            .args(["replicas", "--control-socket"])
+            .arg(&sock),
+        Duration::from_secs(60),
+    );
+    assert!(
+        listed.contains(&ids[0]) && listed.contains(&ids[1]),
+        "{listed}"
+    );
+    let mut q = QemuIo::open(&lun0(&d));
+    for i in 0..8u64 {
+        q.cmd(&format!("aio_write -P {:#x} {} 3M", 0x30 + i, i * 8 * M));
+    }
+    q.cmd("aio_flush");
+    q.close();
+    let jobs_before = rpc.call("EnumerateJobs", serde_json::Value::Null)["Jobs"]
+        .as_array()
+        .unwrap()
+        .len();
+    drop(rpc);
+    let primary = volume_file(&d, "lun0");
+    d.stop();
+    // Stopping drained the journal: both replicas are the primary.
+    assert_files_same("Sync replica after SIGTERM", &rs, &primary);
+    assert_files_same("Async replica after SIGTERM", &ra, &primary);
+
+    let d = start_here();
+    let mut rpc = Rpc::connect(&sock);
+    for id in &ids {
+        let s = rpc.sync(id).unwrap_or_else(|| panic!("{id} not resumed"));
+        assert_eq!(s["SyncState"], SYNCHRONIZED, "{s}");
+        assert_eq!(s["OutOfSyncBytes"], 0, "{s}");
+    }
+    let jobs = rpc.call("EnumerateJobs", serde_json::Value::Null)["Jobs"].clone();
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        jobs_before,
+        "a clean restart started jobs: {jobs}"
+    );
+    let mut q = QemuIo::open(&lun0(&d));
+    q.cmd("write -f -P 0x44 5M 2M");
+    assert_range_is("Sync write after restart", &rs, 5 * M, 2 * M, 0x44);
+    q.close();
+    rpc.wait_converged(&ids[1], WAIT);
+    assert_files_same("Async replica after restart", &ra, &primary);
+    d.stop();
+}
+
+/// A replica that is gone when the daemon starts: its association is
+/// Broken (the LUN is served anyway and writes are tracked); once the file
+/// is back, Resync makes it equal to the primary.
+#[test]
+fn replica_missing_at_startup_is_broken_until_resync() {
+    if !qemu_iscsi_supported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let replica = dir.path().join("r.img");
+    let away = dir.path().join("r.img.away");
+    filled_file(&replica, SIZE, 0xee);
+    let d = start(&state);
+    let out = cli_ok(
+        &d,
+        &[
+            "attach-replica",
+            "--source",
+            "lun0",
+            "--target",
+            replica.to_str().unwrap(),
+            "--copy-type",
+            "sync",
+            "--wait",
+        ],
+    );
+    let sync = out.split_whitespace().next().unwrap().to_string();
+    let primary = volume_file(&d, "lun0");
+    d.stop();
+    std::fs::rename(&replica, &away).unwrap();
+
+    let d = start(&state);
+    let mut rpc = Rpc::to(&d);
+    let s = rpc.sync(&sync).expect("association kept");
+    assert_eq!(s["SyncState"], BROKEN, "{s}");
+    let line = replicas_line(&d, &sync).unwrap();
+    assert!(line.contains("Broken") && line.contains("error:"), "{line}");
+    qemu_io(&lun0(&d), &["write -P 0x66 10M 3M", "read -P 0x66 10M 3M"]);
+    let s = rpc.sync(&sync).unwrap();
+    assert!(s["OutOfSyncBytes"].as_u64().unwrap() >= 3 * M, "{s}");
+
+    std::fs::rename(&away, &replica).unwrap();
+    let out = cli_ok(
+        &d,
+        &["modify-replica", &sync, "--operation", "resync", "--wait"],
+    );
+    assert!(out.contains("Completed"), "{out}");
+    rpc.wait_converged(&sync, WAIT);
+    assert_files_same("replica after it came back", &replica, &primary);
     d.stop();
 }
