@@ -53,9 +53,11 @@ fn wait_child(c: &mut Child, timeout: Duration) -> Option<std::process::ExitStat
 }
 
 /// Run passes of `qemu-img convert` back to back for a while, then SIGKILL
-/// the daemon while a pass is running (a third of the fastest pass after
-/// it started, so its writes are in flight).
-fn kill_during_convert(mut d: Daemon, images: &[PathBuf]) {
+/// the daemon while a pass is running: as soon as an Async journal is seen
+/// holding records not yet applied, at the latest a third of the fastest
+/// pass after the pass started (so its writes are in flight). Returns the
+/// number of pending journal records last seen before the kill.
+fn kill_during_convert(mut d: Daemon, images: &[PathBuf]) -> u64 {
     const LOAD: Duration = Duration::from_millis(1500);
     let url = lun0(&d);
     let t0 = Instant::now();
@@ -65,32 +67,43 @@ fn kill_during_convert(mut d: Daemon, images: &[PathBuf]) {
         let started = Instant::now();
         let mut c = convert(&images[n % images.len()], &url);
         n += 1;
-        let kill_at = (fastest / 3).min(Duration::from_millis(150));
-        let in_time = t0.elapsed() >= LOAD;
-        if in_time {
-            if let Some(st) = wait_child(&mut c, kill_at) {
-                assert!(st.success(), "qemu-img convert pass {n}: {st}");
-                fastest = fastest.min(started.elapsed());
-                assert!(n < 50, "could not catch qemu-img in the middle of a pass");
-                continue;
-            }
-            // A pass is running: pull the plug.
-            let mut rpc = Rpc::to(&d);
-            let before = rpc.synchronized();
-            let status = d.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
-            println!(
-                "SIGKILL {:?} into pass {n} (fastest pass {fastest:?}); associations then: {before:?}; daemon: {status}",
-                started.elapsed()
-            );
-            // The initiator cannot finish now (it would retry the
-            // connection for a long time).
-            let _ = c.kill();
-            let _ = c.wait();
-            return;
+        if t0.elapsed() < LOAD {
+            let st = wait_child(&mut c, WAIT).expect("qemu-img convert did not finish");
+            assert!(st.success(), "qemu-img convert pass {n}: {st}");
+            fastest = fastest.min(started.elapsed());
+            continue;
         }
-        let st = wait_child(&mut c, WAIT).expect("qemu-img convert did not finish");
-        assert!(st.success(), "qemu-img convert pass {n}: {st}");
-        fastest = fastest.min(started.elapsed());
+        let kill_at = (fastest / 3).min(Duration::from_millis(150));
+        let mut rpc = Rpc::to(&d);
+        let mut pending = 0;
+        while started.elapsed() < kill_at {
+            pending = rpc
+                .synchronized()
+                .iter()
+                .filter_map(|s| s["JournalPendingRecords"].as_u64())
+                .sum();
+            if pending > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Some(st) = c.try_wait().unwrap() {
+            assert!(st.success(), "qemu-img convert pass {n}: {st}");
+            fastest = fastest.min(started.elapsed());
+            assert!(n < 50, "could not catch qemu-img in the middle of a pass");
+            continue;
+        }
+        // A pass is running: pull the plug.
+        let status = d.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
+        println!(
+            "SIGKILL {:?} into pass {n} (fastest pass {fastest:?}), {pending} journal records pending; daemon: {status}",
+            started.elapsed()
+        );
+        // The initiator cannot finish now (it would retry the connection
+        // for a long time).
+        let _ = c.kill();
+        let _ = c.wait();
+        return pending;
     }
 }
 
@@ -110,7 +123,7 @@ fn kill_under_load(copy_type: &str) {
         })
         .collect();
 
-    let d = start(&state);
+    let mut d = start(&state);
     qemu_io(&lun0(&d), &["write -P 0x11 0 8M"]);
     let out = cli_ok(
         &d,
@@ -130,30 +143,39 @@ fn kill_under_load(copy_type: &str) {
     assert_files_same("after the initial copy", &replica, &primary);
     let before_load = std::fs::read(&primary).unwrap();
 
-    kill_during_convert(d, &images);
-    let after_kill = std::fs::read(&primary).unwrap();
-    assert_ne!(after_kill, before_load, "the load wrote nothing");
+    // Async: up to three kill/restart cycles, until one kill catches the
+    // journal with records the shipper had not applied (replay).
+    for cycle in 1..=3 {
+        let pending = kill_during_convert(d, &images);
+        let after_kill = std::fs::read(&primary).unwrap();
+        assert_ne!(after_kill, before_load, "the load wrote nothing");
 
-    // Same state dir: the association comes back and converges.
-    let d = start(&state);
-    let mut rpc = Rpc::to(&d);
-    let s = rpc.sync(&sync).expect("association resumed after SIGKILL");
-    println!("after restart: {s}");
-    let s = rpc.wait_converged(&sync, WAIT);
-    assert_eq!(s["OutOfSyncBytes"], 0, "{s}");
-    assert_files_same(
-        &format!("{copy_type} replica after SIGKILL + restart"),
-        &replica,
-        &primary,
-    );
-    // No initiator wrote since the kill: the primary is what it was then.
-    assert_same(
-        "primary after restart",
-        &std::fs::read(&primary).unwrap(),
-        &after_kill,
-    );
+        // Same state dir: the association comes back and converges.
+        d = start(&state);
+        let mut rpc = Rpc::to(&d);
+        let s = rpc.sync(&sync).expect("association resumed after SIGKILL");
+        println!("after restart {cycle}: {s}");
+        let s = rpc.wait_converged(&sync, WAIT);
+        assert_eq!(s["OutOfSyncBytes"], 0, "{s}");
+        assert_files_same(
+            &format!("{copy_type} replica after SIGKILL + restart {cycle}"),
+            &replica,
+            &primary,
+        );
+        // No initiator wrote since the kill: the primary is what it was.
+        assert_same(
+            "primary after restart",
+            &std::fs::read(&primary).unwrap(),
+            &after_kill,
+        );
+        if copy_type != "async" || pending > 0 {
+            break;
+        }
+        println!("NOTE: cycle {cycle} killed the daemon with an empty journal");
+    }
 
     // It keeps mirroring.
+    let mut rpc = Rpc::to(&d);
     let mut q = QemuIo::open(&lun0(&d));
     q.cmd("write -f -P 0x5c 1M 2M");
     q.cmd("write -P 0x5d 60M 4M");
