@@ -438,3 +438,85 @@ fn fracture_resync_and_detach_with_the_cli() {
     cli_ok(&d, &["detach-replica", &again]);
     d.stop();
 }
+
+/// Restore from Replica (5) of an UnSyncAssoc copy: while
+/// the restore job is held, the initiator already reads the replica's image
+/// (regions not restored yet are brought back before they are read), a
+/// write lands on top of it, and once the job is done the primary is the
+/// image plus that write.
+#[test]
+fn restore_from_a_point_in_time_copy_with_the_cli() {
+    if !qemu_iscsi_supported() {
+        return;
+    }
+    const SIZE: u64 = 64 * M;
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon_with_random_lun(dir.path(), SIZE, 0xabc);
+    let primary = volume_file(&d, "lun0");
+    let replica = dir.path().join("pit.img");
+    filled_file(&replica, SIZE, 0xee);
+    let out = cli_ok(
+        &d,
+        &[
+            "attach-replica",
+            "--source",
+            "lun0",
+            "--target",
+            replica.to_str().unwrap(),
+            "--copy-type",
+            "unsync-assoc",
+            "--wait",
+        ],
+    );
+    let sync = out.split_whitespace().next().unwrap().to_string();
+    let mut image = std::fs::read(&primary).unwrap();
+    assert_files_same("point-in-time copy", &replica, &primary);
+    // The source moves on, everywhere (so the restore has every region to
+    // copy back and is certainly still running when it is suspended).
+    qemu_io(
+        &lun0(&d),
+        &[
+            "write -P 0x71 0 32M",
+            "write -z 32M 16M",
+            "write -f -P 0x73 48M 16M",
+        ],
+    );
+
+    let mut rpc = Rpc::to(&d);
+    let r = rpc.modify(5, &sync);
+    assert_eq!(r["ReturnValue"], JOB_STARTED, "Restore: {r}");
+    let job = r["Job"].as_str().unwrap().to_string();
+    assert_eq!(rpc.job_state_change(&job, 3), 0, "Suspend");
+    assert_eq!(
+        rpc.sync(&sync).unwrap()["SyncState"],
+        10,
+        "Restore In Progress"
+    );
+    // What the initiator reads is already the image.
+    let back = dir.path().join("back.img");
+    run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &lun0(&d)])
+            .arg(&back),
+        T,
+    );
+    assert_same(
+        "LUN read during the restore",
+        &std::fs::read(&back).unwrap(),
+        &image,
+    );
+    // A write during the restore is not undone by it.
+    qemu_io(&lun0(&d), &["write -P 0x74 41M 8k"]);
+    image[(41 * M) as usize..(41 * M + 8192) as usize].fill(0x74);
+    assert_eq!(rpc.job_state_change(&job, 2), 0, "resume");
+    let j = rpc.wait_job(&job, WAIT);
+    assert_eq!(j["JobState"], JOB_COMPLETED, "{j}");
+    assert_same(
+        "primary after the restore",
+        &std::fs::read(&primary).unwrap(),
+        &image,
+    );
+    let line = replicas_line(&d, &sync).unwrap();
+    assert!(line.contains("Idle"), "{line}");
+    d.stop();
+}
