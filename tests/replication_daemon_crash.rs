@@ -407,3 +407,122 @@ fn replica_missing_at_startup_is_broken_until_resync() {
     assert_files_same("replica after it came back", &replica, &primary);
     d.stop();
 }
+
+/// The Async replica is a crash-consistent earlier image of the source.
+/// One initiator writes generations of 4 KiB blocks strictly one after the
+/// other (block 0..N with generation 1, then again with 2, …) while another
+/// floods a disjoint range; the daemon gets SIGKILL. The replica file as the
+/// shipper left it must hold a prefix of that write sequence: blocks
+/// `0..k` of some generation G and `k..N` of G-1, never a newer block after
+/// an older one. Then the restart converges as usual.
+#[test]
+fn async_replica_is_a_prefix_of_the_write_sequence_at_sigkill() {
+    if !qemu_iscsi_supported() {
+        return;
+    }
+    const N: u64 = 1024;
+    const STRIDE: u64 = 16 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let replica = dir.path().join("prefix-replica.img");
+    filled_file(&replica, SIZE, 0);
+    let mut d = start(&state);
+    let url = lun0(&d);
+    let mut rpc = Rpc::to(&d);
+    let r = rpc.attach("lun0", replica.to_str().unwrap(), ASYNC);
+    let sync = r["Synchronization"].as_str().unwrap().to_string();
+    rpc.wait_job(r["Job"].as_str().unwrap(), WAIT);
+
+    // The flood: parallel 1 MiB writes in 32..64 MiB, and the sequence:
+    // one write at a time (qemu-io runs its -c commands in order, each
+    // after the previous completed). Both outlast the kill.
+    let spawn = |cmds: Vec<String>| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for x in cmds {
+            c.arg("-c").arg(x);
+        }
+        c.arg(&url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let flood: Vec<String> = (0..4000u64)
+        .map(|i| match i % 17 {
+            16 => "aio_flush".to_string(),
+            _ => format!(
+                "aio_write -P {:#x} {} 1M",
+                i % 250 + 1,
+                32 * M + (i % 32) * M
+            ),
+        })
+        .collect();
+    let sequence: Vec<String> = (0..40 * N)
+        .map(|w| format!("write -P {:#x} {} 4k", (w / N) % 250 + 1, (w % N) * STRIDE))
+        .collect();
+    let mut flood = spawn(flood);
+    let mut seq = spawn(sequence);
+    std::thread::sleep(Duration::from_millis(1500));
+    let pending = rpc.sync(&sync).unwrap()["JournalPendingRecords"].clone();
+    d.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
+    for c in [&mut flood, &mut seq] {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "the load ended before the kill"
+        );
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    println!("{pending} journal records pending at SIGKILL");
+
+    // Each block holds one generation, except that the block the shipper
+    // was writing when the kill came may be a mix of old and new.
+    let img = std::fs::read(&replica).unwrap();
+    let gens: Vec<Vec<u8>> = (0..N)
+        .map(|b| {
+            let s = (b * STRIDE) as usize;
+            let mut v: Vec<u8> = img[s..s + 4096].to_vec();
+            v.sort_unstable();
+            v.dedup();
+            v
+        })
+        .collect();
+    let prev = |g: u8| if g == 1 { 0 } else { g - 1 };
+    let first = gens[0][0];
+    let cut = gens
+        .iter()
+        .position(|v| v != &vec![first])
+        .unwrap_or(N as usize);
+    let older = if cut == 0 { first } else { prev(first) };
+    let mut bad = Vec::new();
+    for (b, v) in gens.iter().enumerate().skip(cut) {
+        let ok = if b == cut {
+            // The block being applied when the kill came: old, new or a mix.
+            v.iter().all(|&x| x == older || x == first)
+        } else {
+            v == &vec![older]
+        };
+        if !ok {
+            bad.push((b, v.clone()));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "replica is not a prefix of the write sequence: blocks 0..{cut} hold generation {first}, then expected {older}; offending blocks (block, values): {:?}",
+        &bad[..bad.len().min(10)]
+    );
+    assert!(first > 0, "no write of the sequence reached the replica");
+    println!("replica cut at block {cut} of generation {first}");
+
+    d = start(&state);
+    let mut rpc = Rpc::to(&d);
+    rpc.wait_converged(&sync, WAIT);
+    assert_files_same(
+        "Async replica after restart",
+        &replica,
+        &volume_file(&d, "lun0"),
+    );
+    d.stop();
+}
