@@ -25,7 +25,7 @@ use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info, warn};
 
 use crate::block::file::{EngineKind, FileDev, FileDevOptions};
-use crate::block::SharedDev;
+use crate::block::{BlockDev, SharedDev};
 use crate::config::TcmuMode;
 use crate::config::{self, Config, ConfigError, ConfigErrors, Engine, LunConfig, SizeSpec};
 use crate::control::ControlServer;
@@ -644,6 +644,14 @@ fn start_tcmu(
         )),
         on_close: Some(Arc::new(move |info: &tcmu::DeviceInfo| {
             if let Some(registry) = close_registry.upgrade() {
+                // Acknowledged writes become durable when the device goes
+                // (clearconfig, daemon shutdown), as for configured LUNs.
+                if let Some(v) = registry.volume(&info.name) {
+                    match v.flush() {
+                        Ok(()) => info!(volume = %info.name, "TCMU volume flushed"),
+                        Err(e) => error!(volume = %info.name, "flush failed: {e}"),
+                    }
+                }
                 registry.remove_volume(&info.name);
             }
         })),
