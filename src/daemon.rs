@@ -480,7 +480,7 @@ pub fn spawn_signal_thread(set: SigSet, stop: Vec<StopFn>) -> io::Result<()> {
                     Ok(Signal::SIGHUP) => info!("SIGHUP ignored (restart to reload the config)"),
                     Ok(sig) if !stopping => {
                         info!(signal = %sig, "shutting down: no new connections, finishing in-flight commands");
-                        sd_notify("STOPPING=1");
+                        sd_notify("STOPPING=1\nSTATUS=stopping: finishing in-flight commands");
                         stopping = true;
                         for f in &stop {
                             f();
@@ -557,6 +557,7 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
         })?;
     info!(socket = %cfg.daemon.control_socket.display(), "control socket ready");
     let tcmu = start_tcmu(&cfg, &registry)?;
+    let tcmu_running = tcmu.is_some();
 
     let addrs: Vec<SocketAddr> = listeners
         .sockets
@@ -569,7 +570,10 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
             writeln!(out, "lunmirror: listening on {a}")?;
         }
         out.flush()?;
-        sd_notify("READY=1");
+        sd_notify(&format!(
+            "READY=1\nSTATUS={}",
+            ready_status(&addrs, tcmu_running)
+        ));
         Ok(())
     });
 
@@ -599,6 +603,26 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
     info!("stopped cleanly");
     drop(lock);
     Ok(())
+}
+
+/// systemd's STATUS= line once serving (`systemctl status` shows it).
+fn ready_status(iscsi: &[SocketAddr], tcmu: bool) -> String {
+    let iscsi = match iscsi {
+        [] => "no built-in iSCSI portal".to_string(),
+        a => format!(
+            "iSCSI on {}",
+            a.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let tcmu = if tcmu {
+        "TCMU handler running"
+    } else {
+        "TCMU off"
+    };
+    format!("serving: {iscsi}; {tcmu}")
 }
 
 /// Put every volume behind the write-interception layer and register it, so
