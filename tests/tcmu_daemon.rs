@@ -3,7 +3,8 @@
 //! /etc/lunmirror/lunmirror.toml) either serves and reports READY=1 with a
 //! STATUS, or — on a kernel without target_core_user — exits 1 with a
 //! clear message and never reports READY. Runs on any host; the VM tests
-//! (tests/vm/) cover the serving case under LIO.
+//! (tests/vm/) run this binary in the guest with LUNMIRROR_EXPECT_TCMU=1,
+//! where the serving case must happen.
 
 mod common;
 
@@ -60,6 +61,10 @@ fn tcmu_only_daemon_is_ready_or_fails_clearly() {
     match outcome {
         // No TCM-USER netlink family here (the usual development host).
         Err(status) => {
+            assert!(
+                std::env::var_os("LUNMIRROR_EXPECT_TCMU").is_none(),
+                "LUNMIRROR_EXPECT_TCMU is set but the daemon exited: {status}"
+            );
             let mut err = String::new();
             child
                 .stderr

@@ -16,7 +16,8 @@
 #   targetcli mode also checks that the associations survive clearconfig +
 #   restore (same daemon) and daemon stop + clearconfig + start + restore.
 # HANDLER=test: BIN is the tcmu_vm_handler test binary (no mirror layer).
-# Env: SIZE (64M), IQN, WAIT_SECS (900), PLUGIN_DIR (targetcli-plugin/),
+# Env: SIZE (64M), IQN, TCMU_DAEMON_TEST (tests/tcmu_daemon.rs binary, run
+#      first with LUNMIRROR_EXPECT_TCMU=1), WAIT_SECS (900), PLUGIN_DIR (targetcli-plugin/),
 #      GUEST_INITIATOR (1: run initiator.sh against the LUN after the host).
 # Results in $VM_SHARE: target-ready / target-failed, handler.log,
 # guest-result ("PASS" or "FAIL: ..."), checks.txt (one line per check).
@@ -180,6 +181,13 @@ if [ "$HANDLER" = daemon ]; then
   write_config
   # Replicas are never created by the daemon: they must exist, big enough.
   truncate -s "$SIZE" "$R_CFG" "$R_CLI"
+fi
+if [ "$HANDLER" = daemon ] && [ -n "${TCMU_DAEMON_TEST:-}" ]; then
+  # A TCMU-only daemon (no [[target]]) tells systemd READY=1 with its
+  # STATUS here, where target_core_user exists, and STOPPING=1 on SIGTERM.
+  dtest() { LUNMIRROR_EXPECT_TCMU=1 "$TCMU_DAEMON_TEST" --test-threads=1 > "$S/tcmu-daemon-test.log" 2>&1; }
+  check "tcmu_daemon test under LIO (TCMU-only daemon: READY=1 + STATUS, STOPPING=1)" dtest
+  grep 'test result' "$S/tcmu-daemon-test.log"
 fi
 case "$MODE" in
   configfs)

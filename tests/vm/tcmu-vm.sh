@@ -30,11 +30,15 @@ IQN=iqn.2003-01.org.linux-iscsi.vmguest:lun0
 TESTS=${TESTS:-SCSI.TestUnitReady,SCSI.Inquiry,SCSI.ReadCapacity10,SCSI.ReadCapacity16,SCSI.Read10,SCSI.Write10,SCSI.Write16,SCSI.ModeSense6,SCSI.ReportSupportedOpcodes,SCSI.CompareAndWrite,SCSI.WriteSame16}
 cd "$ROOT" || exit 1
 HANDLER=${HANDLER:-daemon}
+DTEST=
 MODE_TAG="$MODE/$HANDLER"
 case "$HANDLER" in
   daemon)
     cargo build --release --bin lunmirror >/dev/null 2>&1 || { echo "tcmu-vm[$MODE_TAG]: FAIL (cargo build --release failed)"; exit 1; }
-    BIN=target/release/lunmirror ;;
+    BIN=target/release/lunmirror
+    # The TCMU-only daemon test (READY/STATUS/STOPPING), run in the guest.
+    DTEST=$(cargo test --no-run --test tcmu_daemon 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1)
+    [ -n "$DTEST" ] && DTEST=$ROOT/$DTEST ;;
   test)
     BIN=$(cargo test --no-run --test tcmu_vm_handler 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1) ;;
   *) echo "tcmu-vm[$MODE_TAG]: FAIL (HANDLER must be daemon or test)"; exit 1 ;;
@@ -47,7 +51,7 @@ SHARE=$(mktemp -d "$VM_WORK/runs/tcmu.XXXXXX")
 URL=iscsi://127.0.0.1:$PORT/$IQN/0
 t0=$(vm_now)
 "$VMDIR/run-vm" --share "$SHARE" --no-default-fwd --fwd "$PORT:3260" --log "$SHARE/console.log" \
-  -- env VMDIR="$VMDIR" HANDLER="$HANDLER" SIZE="${SIZE:-64M}" RUST_LOG="${RUST_LOG:-info}" \
+  -- env VMDIR="$VMDIR" HANDLER="$HANDLER" TCMU_DAEMON_TEST="$DTEST" SIZE="${SIZE:-64M}" RUST_LOG="${RUST_LOG:-info}" \
   "$ROOT/tests/vm/guest-tcmu.sh" "$MODE" "$BIN" > "$SHARE/run-vm.out" 2>&1 &
 vm=$!
 while [ ! -e "$SHARE/target-ready" ] && [ ! -e "$SHARE/target-failed" ] && kill -0 $vm 2>/dev/null; do sleep 0.5; done
