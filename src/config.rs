@@ -543,10 +543,13 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
         engine = e;
     }
 
-    if raw.target.is_empty() {
+    // A TCMU-only daemon (LIO exports the LUNs, e.g. the shipped
+    // /etc/lunmirror/lunmirror.toml) needs no built-in target.
+    let tcmu_on = matches!(raw.tcmu.enable.as_deref(), Some("on" | "true"));
+    if raw.target.is_empty() && !tcmu_on {
         errs.push(ConfigError::new(
             "target",
-            "at least one [[target]] is required",
+            "at least one [[target]] is required (or [tcmu] enable = \"on\" for a TCMU-only daemon)",
         ));
     }
 
@@ -1382,6 +1385,14 @@ volume = "other"
     #[test]
     fn needs_targets_luns_portals() {
         rejects("", "target", "at least one [[target]]");
+        rejects(
+            "[tcmu]\nenable = \"auto\"\n",
+            "target",
+            "at least one [[target]]",
+        );
+        let c = parse("[tcmu]\nenable = \"on\"\n").unwrap();
+        assert!(c.targets.is_empty());
+        assert_eq!(c.tcmu.mode, TcmuMode::On);
         rejects(
             "[[target]]\nname = \"iqn.2026-11.io.lunmirror:t\"\n",
             "target[0].lun",

@@ -676,6 +676,58 @@ impl Registry {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
         );
+        self.resume_saved(saved);
+        // Jobs whose association did not come back cannot continue.
+        let live: Vec<u64> = self
+            .locked()
+            .assocs
+            .values()
+            .filter_map(|e| e.job)
+            .collect();
+        for j in self.jobs.unfinished() {
+            if !live.contains(&j) {
+                self.jobs.finish(
+                    j,
+                    JobState::Exception,
+                    Some("interrupted by a restart".into()),
+                );
+            }
+        }
+        if let Err(e) = self.save() {
+            tracing::error!(error = %e, "cannot persist registry state");
+        }
+    }
+
+    /// Resume the dormant associations of `source`: those whose source
+    /// volume was not registered when [`resume`](Self::resume) ran, e.g. a
+    /// TCMU device that LIO (re)creates after the daemon started. Call right
+    /// after `add_volume(source, ..)`, before the volume serves I/O.
+    /// Returns how many came back.
+    pub fn resume_source(&self, source: &str) -> usize {
+        let revived: Vec<SavedAssoc> = {
+            let mut g = self.locked();
+            let (mine, rest) = std::mem::take(&mut g.dormant)
+                .into_iter()
+                .partition(|s| s.source == source);
+            g.dormant = rest;
+            mine
+        };
+        if revived.is_empty() {
+            return 0;
+        }
+        let ids: Vec<u64> = revived.iter().map(|s| s.id).collect();
+        self.resume_saved(revived);
+        let n = {
+            let g = self.locked();
+            ids.iter().filter(|id| g.assocs.contains_key(id)).count()
+        };
+        if let Err(e) = self.save() {
+            tracing::error!(error = %e, "cannot persist registry state");
+        }
+        n
+    }
+
+    fn resume_saved(&self, saved: Vec<SavedAssoc>) {
         for s in saved {
             let Some(vol) = self.volume(&s.source) else {
                 tracing::warn!(sync = s.id, source = %s.source, "source volume not configured; association kept dormant");
@@ -791,25 +843,6 @@ impl Registry {
                     self.remove_association(s.id);
                 }
             }
-        }
-        // Jobs whose association did not come back cannot continue.
-        let live: Vec<u64> = self
-            .locked()
-            .assocs
-            .values()
-            .filter_map(|e| e.job)
-            .collect();
-        for j in self.jobs.unfinished() {
-            if !live.contains(&j) {
-                self.jobs.finish(
-                    j,
-                    JobState::Exception,
-                    Some("interrupted by a restart".into()),
-                );
-            }
-        }
-        if let Err(e) = self.save() {
-            tracing::error!(error = %e, "cannot persist registry state");
         }
     }
 

@@ -488,3 +488,51 @@ fn association_of_an_unconfigured_volume_stays_dormant_until_detached() {
     assert_eq!(rv(&reg.attach_replica("new", &target, 3)), 4096);
     reg.shutdown();
 }
+
+#[test]
+fn dormant_association_resumes_when_its_source_is_added_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let target = file(dir.path(), "r.img", 2 * MB);
+    let primary = Arc::new(MemDev::new(2 * MB));
+    let sync = {
+        let reg = Registry::open_with(&state, cfg()).unwrap();
+        let vol = MirroredVolume::new("late", primary.clone());
+        reg.add_volume("late", &dir.path().join("late"), vol.clone(), true)
+            .unwrap();
+        reg.resume();
+        let r = reg.attach_replica("late", &target, 3);
+        reg.wait_job(&r.job.unwrap(), Duration::from_secs(10));
+        vol.write_at(b"before", 0, WriteFlags::default()).unwrap();
+        reg.shutdown();
+        r.synchronization.unwrap()
+    };
+    // Restart: the source (a TCMU device) is not there when resume runs.
+    let reg = Registry::open_with(&state, cfg()).unwrap();
+    reg.resume();
+    assert_eq!(reg.enumerate_synchronized()[0].sync_state, 12);
+    assert_eq!(reg.resume_source("late"), 0, "source still missing");
+    // LIO brings the device back: the association is live again.
+    let vol = MirroredVolume::new("late", primary.clone());
+    reg.add_volume("late", &dir.path().join("late"), vol.clone(), true)
+        .unwrap();
+    assert_eq!(reg.resume_source("late"), 1);
+    assert_eq!(reg.resume_source("late"), 0, "only once");
+    let s = reg.enumerate_synchronized();
+    assert_eq!(
+        (s.len(), s[0].synchronization.as_str(), s[0].sync_state),
+        (1, sync.as_str(), 6)
+    );
+    vol.write_at(b"after", 8192, WriteFlags::default()).unwrap();
+    assert_eq!(replica_bytes(&target), primary.snapshot());
+    // The revived association is persisted as live, not dormant.
+    reg.shutdown();
+    drop(reg);
+    let reg = Registry::open_with(&state, cfg()).unwrap();
+    let vol = MirroredVolume::new("late", primary.clone());
+    reg.add_volume("late", &dir.path().join("late"), vol, true)
+        .unwrap();
+    reg.resume();
+    assert_eq!(reg.enumerate_synchronized()[0].sync_state, 6);
+    reg.shutdown();
+}
