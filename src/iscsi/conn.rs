@@ -99,6 +99,10 @@ struct OutQueue {
     dead: bool,
 }
 
+/// Largest data-in command the reader runs itself (see
+/// `FfpReader::run_actions`).
+const INLINE_MAX_READ: u32 = 128 * 1024;
+
 /// Per-connection values fixed at login.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnParams {
@@ -359,6 +363,12 @@ impl Conn {
         {
             self.spawn_worker();
         }
+    }
+
+    /// No job queued and every worker waiting for one.
+    fn pool_idle(&self) -> bool {
+        self.pool.queued.load(Ordering::Acquire) == 0
+            && self.pool.idle.load(Ordering::Acquire) == self.pool.total.load(Ordering::Acquire)
     }
 
     fn spawn_worker(self: &Arc<Self>) {
@@ -1358,8 +1368,36 @@ impl FfpReader {
             }
             session.publish(&st.window);
         }
-        acts.run();
+        self.run_actions(acts);
         Ok(())
+    }
+
+    /// Carry out what a command's arrival decided. A lone data-in command
+    /// (READ, INQUIRY, ...: their run time grows with the data they return,
+    /// which is bounded here) on a connection with nothing else running and
+    /// nothing more received runs right here on the reader: handing it to
+    /// a worker costs two thread switches and a wake-up, more than a
+    /// page-cache read, and at queue depth 1 there is nothing to overlap it
+    /// with. Anything else, or anything while other work is in flight, goes
+    /// to the workers as before.
+    fn run_actions(&mut self, mut acts: Actions) {
+        let inline = acts.requests.is_empty()
+            && self.wire.buffer().is_empty()
+            && matches!(acts.jobs.as_slice(), [(c, job)]
+                if Arc::ptr_eq(c, &self.conn)
+                    && job.read
+                    && !job.write
+                    && job.local.is_none()
+                    && job.expected_len <= INLINE_MAX_READ)
+            && self.conn.pool_idle();
+        if inline {
+            if let Some((c, job)) = acts.jobs.pop() {
+                acts.run();
+                run_job(&c, *job);
+                return;
+            }
+        }
+        acts.run();
     }
 
     fn on_data_out(&mut self, d: DataOut, bhs: &[u8; BHS_LEN], data_len: u32) -> Result<(), End> {
