@@ -854,3 +854,27 @@ fn compare_and_write_data_out_longer_than_its_cdb_is_refused() {
     assert_eq!(r.status, 0, "{r:?}");
     t.stop();
 }
+
+/// A session that logs out has released its I_T nexus when the Logout
+/// Response arrives: its RESERVE(6) no longer blocks another initiator
+/// port (libiscsi's suite logs out and logs in again at once; its
+/// Sanitize.Reset failed on the leftover reservation).
+#[test]
+fn logout_releases_the_nexus_before_the_response() {
+    const RESERVE6: [u8; 6] = [0x16, 0, 0, 0, 0, 0];
+    let t = common::start(&[1 << 20]);
+    let mut a = Initiator::login_ok(t.addr, ISID, 0, 0, &keys());
+    let mut b = Initiator::login_ok(t.addr, [0x80, 0, 0, 0x12, 0x34, 2], 0, 0, &keys());
+    a.tur(); // power-on unit attention
+    b.tur();
+    assert_eq!(a.scsi(&RESERVE6, 0, false, &[]).status, 0);
+    assert_eq!(b.scsi(&RESERVE6, 0, false, &[]).status, 0x18);
+    assert_eq!(
+        logout(&mut a, LogoutReason::CloseSession, 0),
+        LogoutResponseCode::Success
+    );
+    // At once, with `a`'s TCP connection still open.
+    assert_eq!(b.scsi(&RESERVE6, 0, false, &[]).status, 0);
+    drop(a);
+    t.stop();
+}

@@ -1852,6 +1852,16 @@ fn handle_tmf(conn: &Arc<Conn>, t: TaskMgmtRequest) {
     }
 }
 
+/// A logout ends the session: release its I_T nexus (SPC-2 reservations,
+/// unit attentions) before the response goes out, so that the initiator's
+/// next login already finds it released. The teardown that follows then
+/// finds the session gone from the registry and reports nothing twice.
+fn end_nexus(conn: &Arc<Conn>) {
+    if conn.shared.registry().remove(&conn.session) {
+        nexus_loss(&conn.session);
+    }
+}
+
 fn handle_logout(conn: &Arc<Conn>, l: LogoutRequest) {
     let session = &conn.session;
     let timeout = conn.shared.opts.task_wait_timeout;
@@ -1878,6 +1888,7 @@ fn handle_logout(conn: &Arc<Conn>, l: LogoutRequest) {
             g.closing = true;
             let conns: Vec<Arc<Conn>> = g.conns.values().cloned().collect();
             drop(g);
+            end_nexus(conn);
             respond(LogoutResponseCode::Success);
             for c in conns {
                 c.close_gracefully();
@@ -1890,7 +1901,12 @@ fn handle_logout(conn: &Arc<Conn>, l: LogoutRequest) {
                 Some(c) if Arc::ptr_eq(&c, conn) => {
                     let id = conn.id;
                     let g = session.lock();
-                    let _ = session.wait_until(g, timeout, |st| st.tasks_of(id).is_empty());
+                    let (g, _) = session.wait_until(g, timeout, |st| st.tasks_of(id).is_empty());
+                    let last = g.conns.len() == 1;
+                    drop(g);
+                    if last {
+                        end_nexus(conn);
+                    }
                     respond(LogoutResponseCode::Success);
                     conn.close_gracefully();
                 }
