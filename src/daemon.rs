@@ -618,7 +618,8 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
     });
 
     // The iSCSI server has finished its in-flight commands; stop the other
-    // front doors, then the replication machinery (shippers drain, state is
+    // front doors, then the replication machinery (shippers stop, an Async
+    // journal keeps what is not applied yet for the next start, state is
     // saved), then make acknowledged writes durable.
     if let Some(h) = tcmu {
         h.shutdown();
