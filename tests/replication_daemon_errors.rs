@@ -91,18 +91,17 @@ fn every_attach_replica_return_value_through_the_socket() {
     refused(&mut rpc, "lun0", "lun1", 3, 6, "exported");
     refused(&mut rpc, "lun0", &lun1_file, 3, 6, "exported");
 
-    // 4096: a non-empty source always starts a copy job.
-    let r = rpc.attach("lun0", &r1, SYNC);
+    // 4096: a non-empty source always starts a copy job. It is held
+    // suspended for what follows.
+    let r = start_suspended(&mut rpc, |rpc| rpc.attach("lun0", &r1, SYNC), detach_after);
     assert_eq!(rv(&r), JOB_STARTED, "{r}");
     let job = r["Job"].as_str().unwrap().to_string();
     let sync = r["Synchronization"].as_str().unwrap().to_string();
     assert!(job.starts_with("lunmirror:"), "{r}");
     assert!(sync.starts_with("lunmirror:sync:"), "{r}");
     assert!(r.get("ErrorDescription").is_none_or(Value::is_null), "{r}");
-    // ModifySynchronization 6: the copy job runs (held suspended, so it
-    // certainly still runs); Detach stays possible, nothing else.
-    assert_eq!(rpc.job_state_change(&job, 3), 0, "Suspend");
-    assert_eq!(rpc.job(&job)["JobState"], 5);
+    // ModifySynchronization 6: the copy job runs; Detach stays possible,
+    // nothing else.
     for op in [3, 4, 5, 10, 11] {
         assert_eq!(
             rv(&rpc.modify(op, &sync)),
@@ -555,10 +554,14 @@ fn terminating_a_copy_job_with_the_cli_leaves_it_broken_until_resync() {
     filled_file(&replica, 64 * M, 0xee);
     qemu_io(&lun0(&d), &["write -P 0x51 0 64M"]);
     let mut rpc = Rpc::to(&d);
-    let r = rpc.attach("lun0", replica.to_str().unwrap(), SYNC);
+    let target = replica.to_str().unwrap().to_string();
+    let r = start_suspended(
+        &mut rpc,
+        |rpc| rpc.attach("lun0", &target, SYNC),
+        detach_after,
+    );
     let job = r["Job"].as_str().unwrap().to_string();
     let sync = r["Synchronization"].as_str().unwrap().to_string();
-    assert_eq!(rpc.job_state_change(&job, 3), 0, "Suspend");
     cli_ok(&d, &["jobs", &job, "--terminate"]);
     let j = rpc.job(&job);
     assert_eq!(j["JobState"], 8, "Terminated: {j}");
