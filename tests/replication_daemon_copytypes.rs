@@ -210,16 +210,16 @@ fn point_in_time(copy_type: u64) {
     let before = std::fs::read(&primary).unwrap();
 
     let mut rpc = Rpc::to(&d);
-    let r = rpc.attach("lun0", replica.to_str().unwrap(), copy_type);
-    assert_eq!(r["ReturnValue"], JOB_STARTED, "{r}");
-    let job = r["Job"].as_str().unwrap().to_string();
-    let sync = r["Synchronization"].as_str().unwrap().to_string();
     // Suspend the copy at once, so the next writes certainly hit regions it
     // has not copied yet (copy-before-write must save the old bytes).
-    assert_eq!(rpc.job_state_change(&job, 3), 0, "Suspend");
-    let j = rpc.job(&job);
-    assert_eq!(j["JobState"], 5, "suspended: {j}");
-    assert!(j["PercentComplete"].as_i64().unwrap() < 100, "{j}");
+    let target = replica.to_str().unwrap().to_string();
+    let r = start_suspended(
+        &mut rpc,
+        |rpc| rpc.attach("lun0", &target, copy_type),
+        detach_after,
+    );
+    let job = r["Job"].as_str().unwrap().to_string();
+    let sync = r["Synchronization"].as_str().unwrap().to_string();
     for (i, &(off, len, fua)) in write_plan(SIZE).iter().enumerate() {
         q.cmd(&write_cmd(0x70 + i as u8, off, len, fua));
     }
@@ -472,21 +472,25 @@ fn restore_from_a_point_in_time_copy_with_the_cli() {
     let mut image = std::fs::read(&primary).unwrap();
     assert_files_same("point-in-time copy", &replica, &primary);
     // The source moves on, everywhere (so the restore has every region to
-    // copy back and is certainly still running when it is suspended).
-    qemu_io(
-        &lun0(&d),
-        &[
-            "write -P 0x71 0 32M",
-            "write -z 32M 16M",
-            "write -f -P 0x73 48M 16M",
-        ],
-    );
-
+    // copy back), and is restored; the restore job is held at once.
+    let url = lun0(&d);
     let mut rpc = Rpc::to(&d);
-    let r = rpc.modify(5, &sync);
-    assert_eq!(r["ReturnValue"], JOB_STARTED, "Restore: {r}");
+    let r = start_suspended(
+        &mut rpc,
+        |rpc| {
+            qemu_io(
+                &url,
+                &[
+                    "write -P 0x71 0 32M",
+                    "write -z 32M 16M",
+                    "write -f -P 0x73 48M 16M",
+                ],
+            );
+            rpc.modify(5, &sync)
+        },
+        |_, _| {},
+    );
     let job = r["Job"].as_str().unwrap().to_string();
-    assert_eq!(rpc.job_state_change(&job, 3), 0, "Suspend");
     assert_eq!(
         rpc.sync(&sync).unwrap()["SyncState"],
         10,

@@ -223,16 +223,14 @@ fn sigkill_during_the_initial_copy_resumes_it() {
     let primary = volume_file(&d, "lun0");
     let mut q = QemuIo::open(&lun0(&d));
     let mut rpc = Rpc::to(&d);
-    let r = rpc.attach("lun0", replica.to_str().unwrap(), SYNC);
-    assert_eq!(r["ReturnValue"], JOB_STARTED, "{r}");
-    let (job, sync) = (
-        r["Job"].as_str().unwrap().to_string(),
-        r["Synchronization"].as_str().unwrap().to_string(),
-    );
     // Hold the copy where it is (a 64 MiB copy can be done in 20 ms).
-    assert_eq!(rpc.job_state_change(&job, 3), 0);
-    let j = rpc.job(&job);
-    assert!(j["PercentComplete"].as_i64().unwrap() < 100, "{j}");
+    let target = replica.to_str().unwrap().to_string();
+    let r = start_suspended(
+        &mut rpc,
+        |rpc| rpc.attach("lun0", &target, SYNC),
+        detach_after,
+    );
+    let sync = r["Synchronization"].as_str().unwrap().to_string();
     for i in 0..16u64 {
         q.cmd(&format!(
             "write -P {:#x} {} 256k",

@@ -91,18 +91,17 @@ fn every_attach_replica_return_value_through_the_socket() {
     refused(&mut rpc, "lun0", "lun1", 3, 6, "exported");
     refused(&mut rpc, "lun0", &lun1_file, 3, 6, "exported");
 
-    // 4096: a non-empty source always starts a copy job.
-    let r = rpc.attach("lun0", &r1, SYNC);
+    // 4096: a non-empty source always starts a copy job. It is held
+    // suspended for what follows.
+    let r = start_suspended(&mut rpc, |rpc| rpc.attach("lun0", &r1, SYNC), detach_after);
     assert_eq!(rv(&r), JOB_STARTED, "{r}");
     let job = r["Job"].as_str().unwrap().to_string();
     let sync = r["Synchronization"].as_str().unwrap().to_string();
     assert!(job.starts_with("lunmirror:"), "{r}");
     assert!(sync.starts_with("lunmirror:sync:"), "{r}");
     assert!(r.get("ErrorDescription").is_none_or(Value::is_null), "{r}");
-    // ModifySynchronization 6: the copy job runs (held suspended, so it
-    // certainly still runs); Detach stays possible, nothing else.
-    assert_eq!(rpc.job_state_change(&job, 3), 0, "Suspend");
-    assert_eq!(rpc.job(&job)["JobState"], 5);
+    // ModifySynchronization 6: the copy job runs; Detach stays possible,
+    // nothing else.
     for op in [3, 4, 5, 10, 11] {
         assert_eq!(
             rv(&rpc.modify(op, &sync)),
@@ -539,4 +538,49 @@ fn async_replica_on_a_full_filesystem_goes_broken_and_resyncs() {
     );
     d.stop();
     drop(fs);
+}
+
+/// `lunmirror jobs JOB --terminate` on a running initial copy: the job ends
+/// Terminated, the association is Broken with the uncopied regions out of
+/// sync, and Resync finishes the job's work.
+#[test]
+fn terminating_a_copy_job_with_the_cli_leaves_it_broken_until_resync() {
+    if !qemu_iscsi_supported() {
+        return;
+    }
+    let d = Daemon::builder().arg("--size").arg("64M").start();
+    let primary = volume_file(&d, "lun0");
+    let replica = d.tmp().join("t.img");
+    filled_file(&replica, 64 * M, 0xee);
+    qemu_io(&lun0(&d), &["write -P 0x51 0 64M"]);
+    let mut rpc = Rpc::to(&d);
+    let target = replica.to_str().unwrap().to_string();
+    let r = start_suspended(
+        &mut rpc,
+        |rpc| rpc.attach("lun0", &target, SYNC),
+        detach_after,
+    );
+    let job = r["Job"].as_str().unwrap().to_string();
+    let sync = r["Synchronization"].as_str().unwrap().to_string();
+    cli_ok(&d, &["jobs", &job, "--terminate"]);
+    let j = rpc.job(&job);
+    assert_eq!(j["JobState"], 8, "Terminated: {j}");
+    let listed = cli_ok(&d, &["jobs", &job]);
+    assert!(listed.contains("Terminated"), "{listed}");
+    let s = rpc.sync(&sync).unwrap();
+    assert_eq!(s["SyncState"], BROKEN, "{s}");
+    assert!(s["OutOfSyncBytes"].as_u64().unwrap() > 0, "{s}");
+    // Terminating it again: the job is finished (4097), exit status 1.
+    let out = cli(&d, &["jobs", &job, "--terminate"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // Host writes are tracked meanwhile; Resync completes the replica.
+    qemu_io(&lun0(&d), &["write -P 0x52 10M 1M"]);
+    let out = cli_ok(
+        &d,
+        &["modify-replica", &sync, "--operation", "resync", "--wait"],
+    );
+    assert!(out.contains("Completed"), "{out}");
+    rpc.wait_converged(&sync, WAIT);
+    assert_files_same("replica after terminate + Resync", &replica, &primary);
+    d.stop();
 }

@@ -196,6 +196,46 @@ impl Rpc {
     }
 }
 
+/// Start something that runs a copy job (`start` returns the method's
+/// result, ReturnValue 4096 with `Job`) and suspend the job at once, so the
+/// caller can act while the copy is certainly unfinished. A busy machine
+/// can hold this process up for longer than a copy of a few dozen MiB
+/// takes; when the job finished before the Suspend landed, `undo` puts
+/// things back and it is tried again. Returns the result of `start`.
+pub fn start_suspended(
+    rpc: &mut Rpc,
+    mut start: impl FnMut(&mut Rpc) -> Value,
+    mut undo: impl FnMut(&mut Rpc, &Value),
+) -> Value {
+    for attempt in 1..=5 {
+        let r = start(rpc);
+        assert_eq!(r["ReturnValue"], 4096, "{r}");
+        let job = r["Job"].as_str().expect("Job").to_string();
+        let rv = rpc.job_state_change(&job, 3);
+        let j = rpc.job(&job);
+        if rv == 0 && j["JobState"] == 5 {
+            assert!(j["PercentComplete"].as_i64().unwrap() < 100, "{j}");
+            return r;
+        }
+        assert!(rv == 0 || rv == 4097, "Suspend of {job}: {rv}");
+        println!("attempt {attempt}: {job} finished before the Suspend landed; again");
+        rpc.wait_job(&job, T);
+        undo(rpc, &r);
+    }
+    panic!("could not suspend a copy job while it ran (5 attempts)");
+}
+
+/// Undo for [`start_suspended`] after an attach: detach the association
+/// (UnSyncUnAssoc removes itself).
+pub fn detach_after(rpc: &mut Rpc, r: &Value) {
+    let sync = r["Synchronization"].as_str().expect("Synchronization");
+    let d = rpc.modify(2, sync);
+    assert!(
+        d["ReturnValue"] == 0 || d["ReturnValue"] == 5,
+        "detach: {d}"
+    );
+}
+
 /// Run a CLI client subcommand against the daemon (`--state-dir` added).
 pub fn cli(d: &Daemon, args: &[&str]) -> Output {
     let mut c = Command::new(BIN);
