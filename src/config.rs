@@ -29,6 +29,10 @@ pub const DEFAULT_PORTAL: &str = "127.0.0.1:3260";
 /// Size of a LUN whose backing file does not exist yet and whose size is not
 /// configured.
 pub const DEFAULT_LUN_SIZE: u64 = 1 << 30;
+/// SANITIZE OVERWRITE throughput limit (bytes per second) of a LUN without
+/// `sanitize_rate`: about what a disk sustains, so wiping one volume does
+/// not starve the others on the same storage.
+pub const DEFAULT_SANITIZE_RATE: u64 = 128 << 20;
 /// RFC 7143 §12.1.3: CHAP secrets SHOULD be at least 96 bits.
 pub const RECOMMENDED_CHAP_SECRET_LEN: usize = 12;
 /// Largest LUN id we accept (flat space addressing, SAM-5).
@@ -242,8 +246,26 @@ pub struct LunConfig {
     pub serial: String,
     /// NAA type 6 designator (VPD 0x83).
     pub wwn: [u8; 16],
+    /// SANITIZE OVERWRITE throughput limit, bytes per second (0: none).
+    pub sanitize_rate: u64,
+    /// Physical block size reported in READ CAPACITY(16).
+    pub physical_block_size: PhysicalBlockSize,
     /// Key path of this LUN (`target[0].lun[1]`), for preflight messages.
     pub key: String,
+}
+
+/// The physical block size a LUN reports (logical blocks per physical
+/// block in READ CAPACITY(16)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PhysicalBlockSize {
+    /// Not set: one logical block per physical block.
+    #[default]
+    Logical,
+    /// `"auto"`: the backing storage's (file system block or physical
+    /// sector size), found when the volume is opened.
+    Auto,
+    /// A power of two from the block size to 64 KiB.
+    Bytes(u32),
 }
 
 /// Where a LUN's size comes from; the daemon resolves it against the backing
@@ -322,6 +344,8 @@ struct RawLun {
     read_only: Option<bool>,
     serial: Option<String>,
     wwn: Option<String>,
+    sanitize_rate: Option<toml::Value>,
+    physical_block_size: Option<toml::Value>,
 }
 
 // ---------------------------------------------------------------------------
@@ -373,6 +397,8 @@ impl Config {
                     read_only: None,
                     serial: None,
                     wwn: None,
+                    sanitize_rate: None,
+                    physical_block_size: None,
                 }],
             }],
         };
@@ -517,10 +543,13 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
         engine = e;
     }
 
-    if raw.target.is_empty() {
+    // A TCMU-only daemon (LIO exports the LUNs, e.g. the shipped
+    // /etc/lunmirror/lunmirror.toml) needs no built-in target.
+    let tcmu_on = matches!(raw.tcmu.enable.as_deref(), Some("on" | "true"));
+    if raw.target.is_empty() && !tcmu_on {
         errs.push(ConfigError::new(
             "target",
-            "at least one [[target]] is required",
+            "at least one [[target]] is required (or [tcmu] enable = \"on\" for a TCMU-only daemon)",
         ));
     }
 
@@ -725,6 +754,40 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
                 }
             }
 
+            let sanitize_rate = match &l.sanitize_rate {
+                Some(v) => size_from_value(v).unwrap_or_else(|m| {
+                    errs.push(ConfigError::new(format!("{lk}.sanitize_rate"), m));
+                    0
+                }),
+                None => DEFAULT_SANITIZE_RATE,
+            };
+
+            let physical_block_size = match &l.physical_block_size {
+                None => PhysicalBlockSize::Logical,
+                Some(toml::Value::String(s)) if s == "auto" => PhysicalBlockSize::Auto,
+                Some(v) => match size_from_value(v) {
+                    Ok(b) if b.is_power_of_two() && b >= u64::from(block_size) && b <= 65536 => {
+                        PhysicalBlockSize::Bytes(b as u32)
+                    }
+                    Ok(b) => {
+                        errs.push(ConfigError::new(
+                            format!("{lk}.physical_block_size"),
+                            format!(
+                                "{b} is not a power of two from the block size {block_size} to 65536"
+                            ),
+                        ));
+                        PhysicalBlockSize::Logical
+                    }
+                    Err(m) => {
+                        errs.push(ConfigError::new(
+                            format!("{lk}.physical_block_size"),
+                            format!("{m} (or \"auto\")"),
+                        ));
+                        PhysicalBlockSize::Logical
+                    }
+                },
+            };
+
             luns.insert(
                 l.id,
                 LunConfig {
@@ -737,6 +800,8 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
                     read_only: l.read_only.unwrap_or(false),
                     serial,
                     wwn,
+                    sanitize_rate,
+                    physical_block_size,
                     key: lk,
                 },
             );
@@ -1321,6 +1386,14 @@ volume = "other"
     fn needs_targets_luns_portals() {
         rejects("", "target", "at least one [[target]]");
         rejects(
+            "[tcmu]\nenable = \"auto\"\n",
+            "target",
+            "at least one [[target]]",
+        );
+        let c = parse("[tcmu]\nenable = \"on\"\n").unwrap();
+        assert!(c.targets.is_empty());
+        assert_eq!(c.tcmu.mode, TcmuMode::On);
+        rejects(
             "[[target]]\nname = \"iqn.2026-11.io.lunmirror:t\"\n",
             "target[0].lun",
             "at least one",
@@ -1477,6 +1550,60 @@ volume = "other"
             );
         }
         parse(&MIN.replace("id = 0", "id = 16383")).unwrap();
+        rejects(
+            &with("sanitize_rate = \"fast\""),
+            "target[0].lun[0].sanitize_rate",
+            "",
+        );
+        rejects(
+            &with("sanitize_rate = -1"),
+            "target[0].lun[0].sanitize_rate",
+            "negative",
+        );
+    }
+
+    #[test]
+    fn physical_block_size() {
+        let pbs = |extra: &str| {
+            parse(&format!("{MIN}{extra}\n")).unwrap().targets[0].luns[0].physical_block_size
+        };
+        assert_eq!(pbs(""), PhysicalBlockSize::Logical);
+        assert_eq!(
+            pbs("physical_block_size = \"auto\""),
+            PhysicalBlockSize::Auto
+        );
+        assert_eq!(
+            pbs("physical_block_size = \"4K\""),
+            PhysicalBlockSize::Bytes(4096)
+        );
+        assert_eq!(
+            pbs("physical_block_size = 512"),
+            PhysicalBlockSize::Bytes(512)
+        );
+        let key = "target[0].lun[0].physical_block_size";
+        rejects(
+            &format!("{MIN}physical_block_size = 3000\n"),
+            key,
+            "power of two",
+        );
+        rejects(
+            &format!("{MIN}physical_block_size = 1024\nblock_size = 4096\nsize = \"1M\"\n"),
+            key,
+            "from the block size 4096",
+        );
+        rejects(
+            &format!("{MIN}physical_block_size = \"big\"\n"),
+            key,
+            "auto",
+        );
+    }
+
+    #[test]
+    fn sanitize_rate() {
+        let rate = |text: &str| parse(text).unwrap().targets[0].luns[0].sanitize_rate;
+        assert_eq!(rate(MIN), DEFAULT_SANITIZE_RATE);
+        assert_eq!(rate(&format!("{MIN}sanitize_rate = \"64M\"\n")), 64 << 20);
+        assert_eq!(rate(&format!("{MIN}sanitize_rate = 0\n")), 0);
     }
 
     #[test]

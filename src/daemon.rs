@@ -25,9 +25,11 @@ use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info, warn};
 
 use crate::block::file::{EngineKind, FileDev, FileDevOptions};
-use crate::block::SharedDev;
+use crate::block::{BlockDev, SharedDev};
 use crate::config::TcmuMode;
-use crate::config::{self, Config, ConfigError, ConfigErrors, Engine, LunConfig, SizeSpec};
+use crate::config::{
+    self, Config, ConfigError, ConfigErrors, Engine, LunConfig, PhysicalBlockSize, SizeSpec,
+};
 use crate::control::ControlServer;
 use crate::iscsi::negotiate::TargetLimits;
 use crate::iscsi::{ChapCredentials, Server, TargetDef};
@@ -401,6 +403,37 @@ fn revision() -> String {
     r
 }
 
+/// The unit the storage under `path` writes in: the physical sector size
+/// of a block device, the preferred I/O size (file system block) of a
+/// file, at most 64 KiB; 0 if unknown.
+pub fn physical_block_size(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(path) else {
+        return 0;
+    };
+    let bytes = if meta.file_type().is_block_device() {
+        let dev = meta.rdev();
+        let sys = PathBuf::from(format!(
+            "/sys/dev/block/{}:{}",
+            nix::sys::stat::major(dev),
+            nix::sys::stat::minor(dev)
+        ));
+        // A partition has no queue/ of its own: its disk's applies.
+        ["queue/physical_block_size", "../queue/physical_block_size"]
+            .iter()
+            .find_map(|f| fs::read_to_string(sys.join(f)).ok())
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    } else {
+        meta.blksize()
+    };
+    if bytes.is_power_of_two() && bytes <= 65536 {
+        bytes as u32
+    } else {
+        0
+    }
+}
+
 /// Build the server's target definitions from the config, the opened
 /// volumes (in `preflight` order) and the bound portals.
 pub fn build_targets(
@@ -422,7 +455,14 @@ pub fn build_targets(
             revision: revision(),
         };
         if let Some(m) = maps.get_mut(r.target) {
-            m.insert(r.lun.id, Arc::new(LogicalUnit::new(lu, v.dev.clone())));
+            let unit = LogicalUnit::new(lu, v.dev.clone())
+                .with_sanitize_rate(r.lun.sanitize_rate)
+                .with_physical_block_size(match r.lun.physical_block_size {
+                    PhysicalBlockSize::Logical => 0,
+                    PhysicalBlockSize::Auto => physical_block_size(&v.path),
+                    PhysicalBlockSize::Bytes(b) => b,
+                });
+            m.insert(r.lun.id, Arc::new(unit));
         }
     }
     cfg.targets
@@ -480,7 +520,7 @@ pub fn spawn_signal_thread(set: SigSet, stop: Vec<StopFn>) -> io::Result<()> {
                     Ok(Signal::SIGHUP) => info!("SIGHUP ignored (restart to reload the config)"),
                     Ok(sig) if !stopping => {
                         info!(signal = %sig, "shutting down: no new connections, finishing in-flight commands");
-                        sd_notify("STOPPING=1");
+                        sd_notify("STOPPING=1\nSTATUS=stopping: finishing in-flight commands");
                         stopping = true;
                         for f in &stop {
                             f();
@@ -557,6 +597,7 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
         })?;
     info!(socket = %cfg.daemon.control_socket.display(), "control socket ready");
     let tcmu = start_tcmu(&cfg, &registry)?;
+    let tcmu_running = tcmu.is_some();
 
     let addrs: Vec<SocketAddr> = listeners
         .sockets
@@ -569,12 +610,16 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
             writeln!(out, "lunmirror: listening on {a}")?;
         }
         out.flush()?;
-        sd_notify("READY=1");
+        sd_notify(&format!(
+            "READY=1\nSTATUS={}",
+            ready_status(&addrs, tcmu_running)
+        ));
         Ok(())
     });
 
     // The iSCSI server has finished its in-flight commands; stop the other
-    // front doors, then the replication machinery (shippers drain, state is
+    // front doors, then the replication machinery (shippers stop, an Async
+    // journal keeps what is not applied yet for the next start, state is
     // saved), then make acknowledged writes durable.
     if let Some(h) = tcmu {
         h.shutdown();
@@ -599,6 +644,26 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
     info!("stopped cleanly");
     drop(lock);
     Ok(())
+}
+
+/// systemd's STATUS= line once serving (`systemctl status` shows it).
+fn ready_status(iscsi: &[SocketAddr], tcmu: bool) -> String {
+    let iscsi = match iscsi {
+        [] => "no built-in iSCSI portal".to_string(),
+        a => format!(
+            "iSCSI on {}",
+            a.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let tcmu = if tcmu {
+        "TCMU handler running"
+    } else {
+        "TCMU off"
+    };
+    format!("serving: {iscsi}; {tcmu}")
 }
 
 /// Put every volume behind the write-interception layer and register it, so
@@ -639,28 +704,19 @@ fn start_tcmu(
                 let Some(registry) = wrap_registry.upgrade() else {
                     return Err("daemon is stopping".to_string());
                 };
-                let mirrored = MirroredVolume::new(&info.name, primary);
-                registry
-                    .add_volume(
-                        &info.name,
-                        Path::new(&info.config.path),
-                        mirrored.clone(),
-                        true,
-                    )
-                    .map_err(|e| e.to_string())?;
-                for replica in &info.config.replicas {
-                    let r = registry.attach_replica(
-                        &info.name,
-                        replica,
-                        u64::from(info.config.copy_type.cim_value()),
-                    );
-                    info!(volume = %info.name, replica = %replica, result = ?r, "cfgstring replica attached");
-                }
-                Ok(mirrored as SharedDev)
+                open_tcmu_volume(&registry, info, primary)
             },
         )),
         on_close: Some(Arc::new(move |info: &tcmu::DeviceInfo| {
             if let Some(registry) = close_registry.upgrade() {
+                // Acknowledged writes become durable when the device goes
+                // (clearconfig, daemon shutdown), as for configured LUNs.
+                if let Some(v) = registry.volume(&info.name) {
+                    match v.flush() {
+                        Ok(()) => info!(volume = %info.name, "TCMU volume flushed"),
+                        Err(e) => error!(volume = %info.name, "flush failed: {e}"),
+                    }
+                }
                 registry.remove_volume(&info.name);
             }
         })),
@@ -675,6 +731,96 @@ fn start_tcmu(
             Ok(None)
         }
         Err(e) => Err(DaemonError::runtime("cannot start the TCMU frontend", e)),
+    }
+}
+
+/// The volume a TCMU device serves: its primary behind the mirror layer,
+/// registered under the LIO storage object name, with the associations it
+/// had before and the cfgstring's replicas.
+///
+/// - A name still registered because it is part of an association (the
+///   device was removed, e.g. by `targetcli clearconfig`, and is now
+///   restored) gets its kept volume back, if the backing file and size
+///   match, so the association carries on without a copy.
+/// - Associations kept dormant because the device was missing when the
+///   daemon started (LIO restores after the daemon is up) are resumed.
+/// - Each cfgstring `replica=` not yet associated with this volume is
+///   attached; a refused one is logged and the device is served without it.
+fn open_tcmu_volume(
+    registry: &Registry,
+    info: &tcmu::DeviceInfo,
+    primary: SharedDev,
+) -> Result<SharedDev, String> {
+    let name = &info.name;
+    let path = Path::new(&info.config.path);
+    let dev: SharedDev = match registry.volume(name) {
+        Some(kept) => {
+            let kept_path = registry
+                .enumerate_volumes()
+                .into_iter()
+                .find(|v| &v.name == name)
+                .map(|v| PathBuf::from(v.path))
+                .unwrap_or_default();
+            if !same_file(&kept_path, path) {
+                return Err(format!(
+                    "volume {name} is still registered with backing file {} (kept for its replication associations); detach them or use another name",
+                    kept_path.display()
+                ));
+            }
+            if kept.size_bytes() < info.size {
+                return Err(format!(
+                    "volume {name} is kept with {} bytes, the device is {} bytes",
+                    kept.size_bytes(),
+                    info.size
+                ));
+            }
+            info!(volume = %name, "TCMU device back: re-using the volume kept for its associations");
+            kept
+        }
+        None => {
+            let mirrored = MirroredVolume::new(name, primary);
+            registry
+                .add_volume(name, path, mirrored.clone(), true)
+                .map_err(|e| e.to_string())?;
+            let resumed = registry.resume_source(name);
+            if resumed > 0 {
+                info!(volume = %name, associations = resumed, "dormant associations resumed");
+            }
+            mirrored
+        }
+    };
+    let existing: Vec<PathBuf> = registry
+        .enumerate_synchronized()
+        .into_iter()
+        .filter(|s| &s.system_element == name)
+        .map(|s| PathBuf::from(s.synced_element))
+        .collect();
+    let copy_type = u64::from(info.config.copy_type.cim_value());
+    for replica in &info.config.replicas {
+        if existing.iter().any(|e| same_file(e, Path::new(replica))) {
+            info!(volume = %name, replica = %replica, "cfgstring replica already attached");
+            continue;
+        }
+        let r = registry.attach_replica(name, replica, copy_type);
+        match &r.error {
+            None => {
+                info!(volume = %name, replica = %replica, sync = ?r.synchronization, job = ?r.job, "cfgstring replica attached")
+            }
+            Some(e) => {
+                error!(volume = %name, replica = %replica, return_value = ?r.return_value, "cfgstring replica NOT attached: {e}")
+            }
+        }
+    }
+    Ok(dev as SharedDev)
+}
+
+/// Whether two paths name the same file (same device and inode), or are
+/// equal when either cannot be looked at.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => a == b,
     }
 }
 
@@ -712,6 +858,22 @@ fn run_frontends(
 mod tests {
     use super::*;
     use crate::config::Overrides;
+
+    #[test]
+    fn physical_block_size_of_a_file_is_its_io_block() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f.img");
+        fs::write(&p, [0u8; 4096]).unwrap();
+        let want = fs::metadata(&p).unwrap().blksize();
+        let got = physical_block_size(&p);
+        if want.is_power_of_two() && want <= 65536 {
+            assert_eq!(u64::from(got), want);
+        } else {
+            assert_eq!(got, 0);
+        }
+        assert_eq!(physical_block_size(&d.path().join("missing")), 0);
+    }
 
     fn cfg_in(dir: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let ov = Overrides {
@@ -895,5 +1057,94 @@ serial = "S1"
         );
         assert_eq!(lu.config.revision, "0.1");
         assert!(lu.config.vendor.len() <= 8 && lu.config.product.len() <= 16);
+    }
+
+    fn tcmu_info(name: &str, cfg: &str, size: u64) -> tcmu::DeviceInfo {
+        tcmu::DeviceInfo {
+            uio_index: 0,
+            hba: 1,
+            name: name.into(),
+            config: tcmu::cfgstring::CfgString::parse(cfg).unwrap(),
+            size,
+            block_size: 512,
+            write_cache: false,
+            serial: None,
+        }
+    }
+
+    fn file_dev(p: &Path, size: u64) -> SharedDev {
+        let opts = FileDevOptions {
+            engine: EngineKind::Sync,
+            read_only: false,
+            direct: false,
+            create_size: Some(size),
+        };
+        Arc::new(FileDev::open(p, opts).unwrap())
+    }
+
+    fn wait_synced(reg: &Registry) -> Vec<crate::registry::SyncInfo> {
+        for _ in 0..500 {
+            let s = reg.enumerate_synchronized();
+            if s.iter().all(|s| s.sync_state == 6) {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("not synchronized: {:?}", reg.enumerate_synchronized());
+    }
+
+    #[test]
+    fn tcmu_volume_keeps_its_replica_across_remove_restore_and_restart() {
+        use crate::block::WriteFlags;
+        const SIZE: u64 = 1 << 20;
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk0.img");
+        let rep = d.path().join("r.img");
+        File::create(&rep).unwrap().set_len(SIZE).unwrap();
+        let cfg = format!("{};replica={};copytype=sync", img.display(), rep.display());
+        let info = tcmu_info("disk0", &cfg, SIZE);
+        let state = d.path().join("state");
+        {
+            let reg = Registry::open(&state).unwrap();
+            reg.resume();
+            let dev = open_tcmu_volume(&reg, &info, file_dev(&img, SIZE)).unwrap();
+            assert_eq!(wait_synced(&reg).len(), 1);
+            dev.write_at(b"first", 0, WriteFlags::default()).unwrap();
+            // clearconfig: the device goes, the volume stays for its association.
+            assert!(!reg.remove_volume("disk0"));
+            // restore: same name, same file: the kept volume, no second replica.
+            let again = open_tcmu_volume(&reg, &info, file_dev(&img, SIZE)).unwrap();
+            let kept: SharedDev = reg.volume("disk0").unwrap();
+            assert!(Arc::ptr_eq(&again, &kept));
+            assert_eq!(reg.enumerate_synchronized().len(), 1);
+            again
+                .write_at(b"second", 4096, WriteFlags::default())
+                .unwrap();
+            // Another backing file under the kept name is refused.
+            let other = d.path().join("other.img");
+            let bad = tcmu_info("disk0", &other.display().to_string(), SIZE);
+            let Err(e) = open_tcmu_volume(&reg, &bad, file_dev(&other, SIZE)) else {
+                panic!("another file under a kept name was accepted");
+            };
+            assert!(e.contains("still registered"), "{e}");
+            again.flush().unwrap();
+            reg.shutdown();
+        }
+        assert_eq!(fs::read(&img).unwrap(), fs::read(&rep).unwrap());
+        // Daemon restart: the device is not there at resume, LIO restores it
+        // later; the association comes back instead of a new one.
+        let reg = Registry::open(&state).unwrap();
+        reg.resume();
+        assert_eq!(reg.enumerate_synchronized()[0].sync_state, 12);
+        let dev = open_tcmu_volume(&reg, &info, file_dev(&img, SIZE)).unwrap();
+        let s = wait_synced(&reg);
+        assert_eq!(
+            (s.len(), s[0].synchronization.as_str()),
+            (1, "lunmirror:sync:1")
+        );
+        dev.write_at(b"third", 8192, WriteFlags::default()).unwrap();
+        dev.flush().unwrap();
+        reg.shutdown();
+        assert_eq!(fs::read(&img).unwrap(), fs::read(&rep).unwrap());
     }
 }

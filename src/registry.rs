@@ -105,6 +105,74 @@ pub fn open_target_file(path: &Path) -> io::Result<SharedDev> {
     }
 }
 
+/// The replica of a resumed association whose file could not be used at
+/// startup (missing, unreadable, too small). Every operation first tries to
+/// open it again, so once the file is back a Resync works without
+/// restarting the daemon; until then every operation fails (the
+/// association is Broken and sends nothing but the Resync copy here).
+struct ReopeningReplica {
+    path: PathBuf,
+    /// The source's size: the least the file must have.
+    size: u64,
+    opener: TargetOpener,
+    dev: Mutex<Option<SharedDev>>,
+}
+
+impl ReopeningReplica {
+    fn dev(&self) -> crate::block::BlockResult<SharedDev> {
+        let mut g = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = &*g {
+            return Ok(d.clone());
+        }
+        let d = (self.opener)(&self.path).map_err(crate::block::BlockError::from_io)?;
+        if d.size() < self.size {
+            return Err(crate::block::BlockError::Io(io::Error::other(format!(
+                "replica {} is smaller ({} bytes) than the source ({} bytes)",
+                self.path.display(),
+                d.size(),
+                self.size
+            ))));
+        }
+        tracing::info!(replica = %self.path.display(), "replica opened again");
+        *g = Some(d.clone());
+        Ok(d)
+    }
+}
+
+impl crate::block::BlockDev for ReopeningReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::block::BlockResult<()> {
+        self.dev()?.read_at(buf, offset)
+    }
+    fn write_at(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        flags: crate::block::WriteFlags,
+    ) -> crate::block::BlockResult<()> {
+        self.dev()?.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> crate::block::BlockResult<()> {
+        self.dev()?.flush()
+    }
+    fn caps(&self) -> crate::block::BlockCaps {
+        self.dev().map(|d| d.caps()).unwrap_or_default()
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::block::BlockResult<()> {
+        self.dev()?.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: crate::block::WriteFlags,
+    ) -> crate::block::BlockResult<()> {
+        self.dev()?.write_zeroes(offset, len, flags)
+    }
+}
+
 /// Registry settings.
 #[derive(Clone)]
 pub struct RegistryConfig {
@@ -559,6 +627,21 @@ impl Registry {
         }
     }
 
+    /// Stand-in for a replica that could not be used at startup: a path
+    /// is tried again on every operation (see [`ReopeningReplica`]); a
+    /// volume that is not configured stays unavailable.
+    fn reopening_replica(&self, target: &TargetRef, size: u64) -> SharedDev {
+        match target {
+            TargetRef::Path(p) => Arc::new(ReopeningReplica {
+                path: p.clone(),
+                size,
+                opener: self.cfg.opener.clone(),
+                dev: Mutex::new(None),
+            }),
+            TargetRef::Volume(_) => Arc::new(crate::mirror::fault::FaultDev::unavailable(size)),
+        }
+    }
+
     fn setup(
         &self,
         id: u64,
@@ -593,6 +676,58 @@ impl Registry {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
         );
+        self.resume_saved(saved);
+        // Jobs whose association did not come back cannot continue.
+        let live: Vec<u64> = self
+            .locked()
+            .assocs
+            .values()
+            .filter_map(|e| e.job)
+            .collect();
+        for j in self.jobs.unfinished() {
+            if !live.contains(&j) {
+                self.jobs.finish(
+                    j,
+                    JobState::Exception,
+                    Some("interrupted by a restart".into()),
+                );
+            }
+        }
+        if let Err(e) = self.save() {
+            tracing::error!(error = %e, "cannot persist registry state");
+        }
+    }
+
+    /// Resume the dormant associations of `source`: those whose source
+    /// volume was not registered when [`resume`](Self::resume) ran, e.g. a
+    /// TCMU device that LIO (re)creates after the daemon started. Call right
+    /// after `add_volume(source, ..)`, before the volume serves I/O.
+    /// Returns how many came back.
+    pub fn resume_source(&self, source: &str) -> usize {
+        let revived: Vec<SavedAssoc> = {
+            let mut g = self.locked();
+            let (mine, rest) = std::mem::take(&mut g.dormant)
+                .into_iter()
+                .partition(|s| s.source == source);
+            g.dormant = rest;
+            mine
+        };
+        if revived.is_empty() {
+            return 0;
+        }
+        let ids: Vec<u64> = revived.iter().map(|s| s.id).collect();
+        self.resume_saved(revived);
+        let n = {
+            let g = self.locked();
+            ids.iter().filter(|id| g.assocs.contains_key(id)).count()
+        };
+        if let Err(e) = self.save() {
+            tracing::error!(error = %e, "cannot persist registry state");
+        }
+        n
+    }
+
+    fn resume_saved(&self, saved: Vec<SavedAssoc>) {
         for s in saved {
             let Some(vol) = self.volume(&s.source) else {
                 tracing::warn!(sync = s.id, source = %s.source, "source volume not configured; association kept dormant");
@@ -600,17 +735,23 @@ impl Registry {
                 continue;
             };
             let size = vol.size_bytes();
-            let replica = match self.open_replica(&s.target) {
-                Ok(d) if d.size() >= size => d,
+            // A replica that cannot be used makes the association Broken at
+            // once (not at the first write that fails on it).
+            let (replica, unusable) = match self.open_replica(&s.target) {
+                Ok(d) if d.size() >= size => (d, None),
                 Ok(d) => {
                     tracing::error!(sync = s.id, "replica is smaller than the source now");
-                    Arc::new(crate::mirror::fault::FaultDev::unavailable(
-                        d.size().max(size),
-                    )) as SharedDev
+                    let why = format!(
+                        "replica {} is smaller ({} bytes) than the source ({size} bytes)",
+                        s.target.display(),
+                        d.size()
+                    );
+                    (self.reopening_replica(&s.target, size), Some(why))
                 }
                 Err(e) => {
                     tracing::error!(sync = s.id, target = %s.target.display(), error = %e, "cannot open replica; association is Broken");
-                    Arc::new(crate::mirror::fault::FaultDev::unavailable(size)) as SharedDev
+                    let why = format!("cannot open replica {}: {e}", s.target.display());
+                    (self.reopening_replica(&s.target, size), Some(why))
                 }
             };
             let setup = self.setup(s.id, s.copy_type, &vol, replica, s.region_size);
@@ -621,7 +762,7 @@ impl Registry {
                 s.error.clone(),
                 s.when_synced_ms.map(from_unix_ms),
             );
-            let (assoc, action) = match reopened {
+            let (assoc, mut action) = match reopened {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::error!(sync = s.id, error = %e, "cannot reopen association state; kept dormant");
@@ -629,6 +770,14 @@ impl Registry {
                     continue;
                 }
             };
+            if let Some(why) = unusable {
+                // The copy it would resume cannot run: its regions stay out
+                // of sync for a Resync.
+                assoc.fail(why.clone());
+                if matches!(action, ResumeAction::Copy(_)) {
+                    action = ResumeAction::Interrupted(why);
+                }
+            }
             let target_id = match &s.target {
                 TargetRef::Path(p) => file_id(p),
                 TargetRef::Volume(v) => self.locked().volumes.get(v).and_then(|e| e.id),
@@ -694,25 +843,6 @@ impl Registry {
                     self.remove_association(s.id);
                 }
             }
-        }
-        // Jobs whose association did not come back cannot continue.
-        let live: Vec<u64> = self
-            .locked()
-            .assocs
-            .values()
-            .filter_map(|e| e.job)
-            .collect();
-        for j in self.jobs.unfinished() {
-            if !live.contains(&j) {
-                self.jobs.finish(
-                    j,
-                    JobState::Exception,
-                    Some("interrupted by a restart".into()),
-                );
-            }
-        }
-        if let Err(e) = self.save() {
-            tracing::error!(error = %e, "cannot persist registry state");
         }
     }
 
@@ -1246,8 +1376,8 @@ impl Registry {
         }
     }
 
-    /// CIM_ConcreteJob.RequestStateChange. Terminate/Kill wait (briefly)
-    /// until the job has stopped.
+    /// CIM_ConcreteJob.RequestStateChange. Start/Suspend/Terminate/Kill
+    /// wait (briefly) until the job has reached the requested state.
     pub fn request_job_state_change(
         &self,
         job: &str,
@@ -1258,9 +1388,18 @@ impl Registry {
             return ReturnValue::InvalidParameter;
         };
         let rv = self.jobs.request_state_change(id, requested, timeout_given);
-        if rv == ReturnValue::Completed && (requested == 4 || requested == 5) {
+        // The job's thread acts on a request between copy steps. Report 0
+        // only once the job has reached the requested state (a Suspend that
+        // returned 0 must mean no further region is copied), 4096 if that
+        // takes longer than 5 s.
+        let reached = |s: JobState| match requested {
+            2 => s != JobState::Suspended,
+            3 => s == JobState::Suspended || s.is_finished(),
+            _ => s.is_finished(),
+        };
+        if rv == ReturnValue::Completed && matches!(requested, 2..=5) {
             let deadline = Instant::now() + Duration::from_secs(5);
-            while self.jobs.state(id).is_some_and(|s| !s.is_finished()) {
+            while self.jobs.state(id).is_some_and(|s| !reached(s)) {
                 if Instant::now() >= deadline {
                     return ReturnValue::JobStarted;
                 }

@@ -219,8 +219,16 @@ fn sd_notify_ready_and_stopping() {
         .start();
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
-    assert_eq!(&buf[..n], b"READY=1");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let mut lines = msg.lines();
+    assert_eq!(lines.next(), Some("READY=1"), "{msg}");
+    let status = lines.next().unwrap_or_default();
+    assert!(
+        status.starts_with("STATUS=serving: iSCSI on 127.0.0.1:"),
+        "{msg}"
+    );
     d.stop();
     let n = sock.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(msg.lines().next(), Some("STOPPING=1"), "{msg}");
 }

@@ -869,3 +869,54 @@ fn data_out_errors_fail_only_the_command() {
     assert_eq!(ini.tur().status, 0);
     t.stop();
 }
+
+/// The core sees all the data-out the initiator sent, not just what the
+/// CDB describes: COMPARE AND WRITE with NUMBER OF LOGICAL BLOCKS 0 (the
+/// u8 wrap of 256) but 2 x 256 blocks of data is INVALID FIELD IN CDB
+/// (libiscsi CompareAndWrite.Simple), while a matching one succeeds.
+#[test]
+fn compare_and_write_data_out_longer_than_its_cdb_is_refused() {
+    let t = common::start(&[4 << 20]);
+    let mut ini = Initiator::login_ok(t.addr, ISID, 0, 0, &keys());
+    let caw = |blocks: u8| {
+        let mut c = [0u8; 16];
+        c[0] = 0x89;
+        c[13] = blocks;
+        c
+    };
+    let data = vec![0u8; 2 * 256 * 512];
+    let r = ini.scsi(&caw(0), data.len() as u32, false, &data);
+    assert_eq!(r.status, 2, "{r:?}");
+    assert_eq!(
+        (r.sense.get(2).map(|k| k & 0x0f), r.sense.get(12)),
+        (Some(5), Some(&0x24)),
+        "{r:?}"
+    );
+    let r = ini.scsi(&caw(1), 1024, false, &data[..1024]);
+    assert_eq!(r.status, 0, "{r:?}");
+    t.stop();
+}
+
+/// A session that logs out has released its I_T nexus when the Logout
+/// Response arrives: its RESERVE(6) no longer blocks another initiator
+/// port (libiscsi's suite logs out and logs in again at once; its
+/// Sanitize.Reset failed on the leftover reservation).
+#[test]
+fn logout_releases_the_nexus_before_the_response() {
+    const RESERVE6: [u8; 6] = [0x16, 0, 0, 0, 0, 0];
+    let t = common::start(&[1 << 20]);
+    let mut a = Initiator::login_ok(t.addr, ISID, 0, 0, &keys());
+    let mut b = Initiator::login_ok(t.addr, [0x80, 0, 0, 0x12, 0x34, 2], 0, 0, &keys());
+    a.tur(); // power-on unit attention
+    b.tur();
+    assert_eq!(a.scsi(&RESERVE6, 0, false, &[]).status, 0);
+    assert_eq!(b.scsi(&RESERVE6, 0, false, &[]).status, 0x18);
+    assert_eq!(
+        logout(&mut a, LogoutReason::CloseSession, 0),
+        LogoutResponseCode::Success
+    );
+    // At once, with `a`'s TCP connection still open.
+    assert_eq!(b.scsi(&RESERVE6, 0, false, &[]).status, 0);
+    drop(a);
+    t.stop();
+}

@@ -800,6 +800,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
     let graceful = conn.logged_out.load(Ordering::Acquire);
     let mut released = Actions::default();
     let session_over;
+    let mut had_running = false;
     {
         let mut st = session.lock();
         if st
@@ -815,6 +816,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
                 .get(&itt)
                 .is_some_and(|t| matches!(t.phase, TaskPhase::Running));
             if running {
+                had_running = true;
                 if let Some(t) = st.tasks.get_mut(&itt) {
                     t.aborted = true;
                 }
@@ -839,6 +841,13 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
         q.pending.clear();
     }
     let _ = conn.stream.shutdown(Shutdown::Both);
+    if had_running {
+        // Do not wait for a SANITIZE (IMMED = 0) to finish its background
+        // operation: nobody is left to receive its status.
+        if let (Some(t), Some(n)) = (session.target(), session.nexus()) {
+            t.luns.cancel_waits(None, Some(n));
+        }
+    }
     conn.stop_workers();
     if session_over {
         // A reinstated session was taken out of the registry (and its
@@ -1804,6 +1813,20 @@ fn handle_tmf(conn: &Arc<Conn>, t: TaskMgmtRequest) {
         TmfFunction::ClearAca | TmfFunction::Other(_) => TmfResponse::NotSupported,
     };
     let needs_wait = waits.iter().any(|(_, r)| !r.is_empty());
+    if needs_wait {
+        // Commands that only wait for a background operation (SANITIZE
+        // with IMMED = 0) return now instead of holding up the TMF.
+        match (t.function, session.nexus()) {
+            (TmfFunction::AbortTask | TmfFunction::AbortTaskSet, Some(n)) => {
+                target.luns.cancel_waits(lun_num, Some(n))
+            }
+            (TmfFunction::AbortTask | TmfFunction::AbortTaskSet, None) => {}
+            (TmfFunction::ClearTaskSet | TmfFunction::LogicalUnitReset, _) => {
+                target.luns.cancel_waits(lun_num, None)
+            }
+            _ => target.luns.cancel_waits(None, None),
+        }
+    }
     if !needs_wait && scsi_effect.is_none() && !close_all {
         conn.send(tmf_response(t.itt, response));
         return;
@@ -1851,6 +1874,16 @@ fn handle_tmf(conn: &Arc<Conn>, t: TaskMgmtRequest) {
     }
 }
 
+/// A logout ends the session: release its I_T nexus (SPC-2 reservations,
+/// unit attentions) before the response goes out, so that the initiator's
+/// next login already finds it released. The teardown that follows then
+/// finds the session gone from the registry and reports nothing twice.
+fn end_nexus(conn: &Arc<Conn>) {
+    if conn.shared.registry().remove(&conn.session) {
+        nexus_loss(&conn.session);
+    }
+}
+
 fn handle_logout(conn: &Arc<Conn>, l: LogoutRequest) {
     let session = &conn.session;
     let timeout = conn.shared.opts.task_wait_timeout;
@@ -1877,6 +1910,7 @@ fn handle_logout(conn: &Arc<Conn>, l: LogoutRequest) {
             g.closing = true;
             let conns: Vec<Arc<Conn>> = g.conns.values().cloned().collect();
             drop(g);
+            end_nexus(conn);
             respond(LogoutResponseCode::Success);
             for c in conns {
                 c.close_gracefully();
@@ -1889,7 +1923,12 @@ fn handle_logout(conn: &Arc<Conn>, l: LogoutRequest) {
                 Some(c) if Arc::ptr_eq(&c, conn) => {
                     let id = conn.id;
                     let g = session.lock();
-                    let _ = session.wait_until(g, timeout, |st| st.tasks_of(id).is_empty());
+                    let (g, _) = session.wait_until(g, timeout, |st| st.tasks_of(id).is_empty());
+                    let last = g.conns.len() == 1;
+                    drop(g);
+                    if last {
+                        end_nexus(conn);
+                    }
                     respond(LogoutResponseCode::Success);
                     conn.close_gracefully();
                 }
@@ -1969,13 +2008,15 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
                 // to move only that: INVALID FIELD IN COMMAND INFORMATION UNIT.
                 check_condition(session::SENSE_ILLEGAL_REQUEST, 0x0e, 0x03)
             } else {
-                let n = spdtl.map_or(job.data.len(), |sp| (sp as usize).min(job.data.len()));
-                let data_out = job.data.get(..n).unwrap_or(&[]);
+                // Everything received (at most EDTL), not cut to the CDB's
+                // length: the core judges a mismatch (COMPARE AND WRITE
+                // with more data than NUMBER OF LOGICAL BLOCKS is an error,
+                // a longer WRITE just has surplus).
                 let req = ScsiRequest {
                     cdb: &job.cdb,
                     lun,
                     nexus,
-                    data_out,
+                    data_out: &job.data,
                     expected_in_len: edtl,
                     task_attr: task_attr(job.attr),
                 };

@@ -64,7 +64,11 @@ impl Default for ServerOptions {
             max_command_data: 64 << 20,
             session_data_budget: 512 << 20,
             nop_interval: Duration::from_secs(15),
-            nop_timeout: Duration::from_secs(15),
+            // Single-threaded initiators (libiscsi and what is built on
+            // it) answer a ping only when they next use the connection;
+            // idle ones must survive a minute without turning into a new
+            // I_T nexus (libiscsi's Sanitize.Reset polls every 60 s).
+            nop_timeout: Duration::from_secs(60),
             login_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             task_wait_timeout: Duration::from_secs(30),

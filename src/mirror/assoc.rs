@@ -752,6 +752,28 @@ impl Association {
                 .is_some_and(|c| c.pending.any_in(first, last))
     }
 
+    /// During a restore: the part of `offset..+len` that starts with the
+    /// first region still to be brought back from the replica, as
+    /// `(start relative to offset, length of the run of such regions)`,
+    /// clipped to the range. Those bytes read as the replica's, whatever the
+    /// primary's allocation says.
+    pub(crate) fn restore_pending_run(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        if len == 0 {
+            return None;
+        }
+        let (first, last) = self.regions(offset, len);
+        let g = self.locked();
+        let c = g.copy.as_ref().filter(|c| c.kind == CopyKind::Restore)?;
+        let r = c.pending.next_set(first).filter(|&r| r <= last)?;
+        let mut e = r;
+        while e < last && c.pending.get(e + 1) {
+            e += 1;
+        }
+        let start = self.region_range(r).0.max(offset);
+        let end = self.region_range(e).1.min(offset + len);
+        Some((start - offset, end - start))
+    }
+
     /// Durably mark `first..=last` in the bitmap file before a write.
     fn ensure_logged(&self, first: u64, last: u64) {
         {

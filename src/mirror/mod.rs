@@ -395,8 +395,21 @@ impl BlockDev for MirroredVolume {
         self.host_modify(HostOp::Zeroes(flags), offset, len)
     }
 
+    /// During a restore, regions not brought back yet are reported mapped:
+    /// they read as the replica's data, and an initiator that trusts an
+    /// unmapped (zero) status would skip reading them.
     fn allocation(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
-        self.primary.allocation(offset, len)
+        check_range(self.size, offset, len)?;
+        let mut limit = len;
+        for a in self.list().iter() {
+            match a.restore_pending_run(offset, len) {
+                Some((0, run)) => return Ok((true, run)),
+                Some((start, _)) => limit = limit.min(start),
+                None => {}
+            }
+        }
+        let (mapped, run) = self.primary.allocation(offset, limit)?;
+        Ok((mapped, run.min(limit)))
     }
 
     /// Without associations a batch goes to the primary as a batch (so an

@@ -582,3 +582,59 @@ fn batches_pass_through_without_associations_and_are_mirrored_with_one() {
     assert!(res[0].is_ok() && res[1].is_err(), "one result per op");
     assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
 }
+
+/// A primary that reports every range unmapped, as a sparse file would.
+struct AllHoles(Arc<MemDev>);
+
+impl BlockDev for AllHoles {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::block::BlockResult<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        flags: WriteFlags,
+    ) -> crate::block::BlockResult<()> {
+        self.0.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> crate::block::BlockResult<()> {
+        self.0.flush()
+    }
+    fn caps(&self) -> crate::block::BlockCaps {
+        self.0.caps()
+    }
+    fn allocation(&self, _offset: u64, len: u64) -> crate::block::BlockResult<(bool, u64)> {
+        Ok((false, len))
+    }
+}
+
+#[test]
+fn allocation_reports_regions_not_restored_yet_as_mapped() {
+    let mut r = rig(16 * RS);
+    r.vol = MirroredVolume::new("lun0", Arc::new(AllHoles(r.primary.clone())));
+    let a = attach(&r, CopyType::Sync, policy());
+    run_copy(&a);
+    let q = r.vol.quiesce(Duration::from_secs(1)).unwrap();
+    a.fracture().unwrap();
+    drop(q);
+    for off in [2 * RS, 3 * RS, 9 * RS] {
+        w(&r.vol, b"changed", off);
+    }
+    assert_eq!(r.vol.allocation(0, 16 * RS).unwrap(), (false, 16 * RS));
+    let q = r.vol.quiesce(Duration::from_secs(1)).unwrap();
+    assert!(a.begin_restore().unwrap());
+    drop(q);
+    // Regions 2, 3 and 9 read as the replica's data until restored.
+    assert_eq!(r.vol.allocation(0, 16 * RS).unwrap(), (false, 2 * RS));
+    assert_eq!(r.vol.allocation(2 * RS, 14 * RS).unwrap(), (true, 2 * RS));
+    assert_eq!(r.vol.allocation(3 * RS + 100, 10).unwrap(), (true, 10));
+    assert_eq!(r.vol.allocation(4 * RS, 12 * RS).unwrap(), (false, 5 * RS));
+    assert_eq!(r.vol.allocation(9 * RS, 7 * RS).unwrap(), (true, RS));
+    assert!(r.vol.allocation(15 * RS, 2 * RS).is_err());
+    run_copy(&a);
+    assert_eq!(r.vol.allocation(0, 16 * RS).unwrap(), (false, 16 * RS));
+}

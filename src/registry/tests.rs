@@ -317,12 +317,9 @@ fn modify_in_use_while_a_job_runs_and_job_control() {
     let (job, sync) = (r.job.unwrap(), r.synchronization.unwrap());
     assert_eq!(rv(&t2.reg.modify_synchronization(3, &sync)), 6);
     // Suspend / Start / Terminate.
+    // ReturnValue 0 means the job is suspended already, not just asked to.
     assert_eq!(t2.reg.request_job_state_change(&job, 3, false).code(), 0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while t2.reg.get_job(&job).unwrap().job_state != 5 {
-        assert!(std::time::Instant::now() < deadline, "never suspended");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert_eq!(t2.reg.get_job(&job).unwrap().job_state, 5);
     let p = t2.reg.get_job(&job).unwrap().percent_complete;
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
@@ -331,6 +328,7 @@ fn modify_in_use_while_a_job_runs_and_job_control() {
         "suspended job made progress"
     );
     assert_eq!(t2.reg.request_job_state_change(&job, 2, false).code(), 0);
+    assert_eq!(t2.reg.get_job(&job).unwrap().job_state, 4);
     assert_eq!(t2.reg.request_job_state_change(&job, 4, true).code(), 4098);
     assert_eq!(t2.reg.request_job_state_change(&job, 4, false).code(), 0);
     let info = t2.reg.get_job(&job).unwrap();
@@ -488,5 +486,53 @@ fn association_of_an_unconfigured_volume_stays_dormant_until_detached() {
     assert!(reg.enumerate_synchronized().is_empty());
     assert!(!state.join("sync-1").exists());
     assert_eq!(rv(&reg.attach_replica("new", &target, 3)), 4096);
+    reg.shutdown();
+}
+
+#[test]
+fn dormant_association_resumes_when_its_source_is_added_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let target = file(dir.path(), "r.img", 2 * MB);
+    let primary = Arc::new(MemDev::new(2 * MB));
+    let sync = {
+        let reg = Registry::open_with(&state, cfg()).unwrap();
+        let vol = MirroredVolume::new("late", primary.clone());
+        reg.add_volume("late", &dir.path().join("late"), vol.clone(), true)
+            .unwrap();
+        reg.resume();
+        let r = reg.attach_replica("late", &target, 3);
+        reg.wait_job(&r.job.unwrap(), Duration::from_secs(10));
+        vol.write_at(b"before", 0, WriteFlags::default()).unwrap();
+        reg.shutdown();
+        r.synchronization.unwrap()
+    };
+    // Restart: the source (a TCMU device) is not there when resume runs.
+    let reg = Registry::open_with(&state, cfg()).unwrap();
+    reg.resume();
+    assert_eq!(reg.enumerate_synchronized()[0].sync_state, 12);
+    assert_eq!(reg.resume_source("late"), 0, "source still missing");
+    // LIO brings the device back: the association is live again.
+    let vol = MirroredVolume::new("late", primary.clone());
+    reg.add_volume("late", &dir.path().join("late"), vol.clone(), true)
+        .unwrap();
+    assert_eq!(reg.resume_source("late"), 1);
+    assert_eq!(reg.resume_source("late"), 0, "only once");
+    let s = reg.enumerate_synchronized();
+    assert_eq!(
+        (s.len(), s[0].synchronization.as_str(), s[0].sync_state),
+        (1, sync.as_str(), 6)
+    );
+    vol.write_at(b"after", 8192, WriteFlags::default()).unwrap();
+    assert_eq!(replica_bytes(&target), primary.snapshot());
+    // The revived association is persisted as live, not dormant.
+    reg.shutdown();
+    drop(reg);
+    let reg = Registry::open_with(&state, cfg()).unwrap();
+    let vol = MirroredVolume::new("late", primary.clone());
+    reg.add_volume("late", &dir.path().join("late"), vol, true)
+        .unwrap();
+    reg.resume();
+    assert_eq!(reg.enumerate_synchronized()[0].sync_state, 6);
     reg.shutdown();
 }

@@ -241,6 +241,12 @@ pub enum Command {
     Release,
     Sanitize {
         sa: u8,
+        /// Return status once the command is validated; the operation
+        /// goes on in the background.
+        immed: bool,
+        /// Allow unrestricted sanitize exit (EXIT FAILURE MODE after a
+        /// failure of this operation).
+        ause: bool,
         param_len: u16,
     },
     ExtendedCopy {
@@ -374,6 +380,8 @@ fn pr_out(r: &Reader<'_>) -> Result<Command, ScsiError> {
 fn sanitize(r: &Reader<'_>) -> Result<Command, ScsiError> {
     Ok(Command::Sanitize {
         sa: r.u8(1)? & SA_MASK,
+        immed: r.bit(1, 7)?,
+        ause: r.bit(1, 5)?,
         param_len: r.u16(7)?,
     })
 }
@@ -661,6 +669,14 @@ pub static OPCODES: &[OpDesc] = &[
         "SANITIZE / BLOCK ERASE",
         LONG_THIN,
         [0xA2, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
+        sanitize
+    ),
+    op!(
+        0x48,
+        Some(0x1F),
+        "SANITIZE / EXIT FAILURE MODE",
+        WR,
+        [0x9F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
         sanitize
     ),
     op!(

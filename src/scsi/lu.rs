@@ -9,6 +9,7 @@ use super::cdb::{self, Attrs, Command, Reader};
 use super::lun_map::LunMap;
 use super::pr::{Outcome, PrOutCdb, PrState, PrStore};
 use super::range_lock::RangeLock;
+use super::sanitize::{self, SanitizeArgs, Sanitizer};
 use super::sense::{Asc, ScsiError};
 use super::ua::UaTable;
 use super::xcopy::{self, CopyResults};
@@ -76,6 +77,10 @@ pub struct LogicalUnit {
     stopped: AtomicBool,
     /// EXTENDED COPY results held for RECEIVE COPY RESULTS.
     copies: Mutex<CopyResults>,
+    /// SANITIZE running in the background, or failed.
+    pub(crate) sanitizer: Sanitizer,
+    /// log2(logical blocks per physical block), READ CAPACITY(16).
+    pub(crate) lbppbe: u8,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -116,7 +121,31 @@ impl LogicalUnit {
             pr_store: None,
             stopped: AtomicBool::new(false),
             copies: Mutex::new(CopyResults::default()),
+            sanitizer: Sanitizer::default(),
+            lbppbe: 0,
         }
+    }
+
+    /// The backing storage writes in units of `bytes` (a power of two;
+    /// e.g. the file system block of a backing file): READ CAPACITY(16)
+    /// reports that many logical blocks per physical block, like a 512e
+    /// disk, so initiators align to it. Sizes not above the logical block
+    /// size (or not a power of two) report one block per physical block.
+    pub fn with_physical_block_size(mut self, bytes: u32) -> Self {
+        let bs = self.block_size();
+        self.lbppbe = if bytes.is_power_of_two() && bytes > bs {
+            (bytes.trailing_zeros() - bs.trailing_zeros()).min(15) as u8
+        } else {
+            0
+        };
+        self
+    }
+
+    /// Limit the throughput of SANITIZE OVERWRITE to `bytes_per_sec`
+    /// (0: unlimited, the default).
+    pub fn with_sanitize_rate(self, bytes_per_sec: u64) -> Self {
+        self.sanitizer.set_rate(bytes_per_sec);
+        self
     }
 
     /// Persist APTPL persistent reservations through `store`, restoring
@@ -251,14 +280,18 @@ impl LogicalUnit {
     }
 
     /// Execute one command addressed to this LU.
-    pub(crate) fn execute(&self, req: &ScsiRequest<'_>, map: &LunMap) -> ScsiResponse {
+    pub(crate) fn execute(self: &Arc<Self>, req: &ScsiRequest<'_>, map: &LunMap) -> ScsiResponse {
         match self.run(req, map) {
             Ok(r) => r,
             Err(e) => e.into_response(self.mode.d_sense.load(Ordering::Relaxed)),
         }
     }
 
-    fn run(&self, req: &ScsiRequest<'_>, map: &LunMap) -> Result<ScsiResponse, ScsiError> {
+    fn run(
+        self: &Arc<Self>,
+        req: &ScsiRequest<'_>,
+        map: &LunMap,
+    ) -> Result<ScsiResponse, ScsiError> {
         // Notice a resize before any UA check, so it is reported.
         self.blocks();
         let desc = match cdb::identify(req.cdb) {
@@ -280,6 +313,7 @@ impl LogicalUnit {
         }
         cdb::check_shape(req.cdb, desc)?;
         let cmd = (desc.parse)(&Reader::new(req.cdb))?;
+        self.sanitizer.check(desc.opcode, desc.attrs.media)?;
         self.check_reservation(req.nexus, &desc.attrs)?;
         if desc.attrs.media && self.stopped.load(Ordering::Relaxed) {
             return Err(ScsiError::NotReady);
@@ -288,7 +322,7 @@ impl LogicalUnit {
     }
 
     fn dispatch(
-        &self,
+        self: &Arc<Self>,
         req: &ScsiRequest<'_>,
         map: &LunMap,
         cmd: Command,
@@ -478,8 +512,23 @@ impl LogicalUnit {
                 })?;
                 good(Vec::new())
             }
-            Command::Sanitize { sa, param_len } => {
-                sbc::sanitize(self, sa, param_len, req.data_out)?;
+            Command::Sanitize {
+                sa,
+                immed,
+                ause,
+                param_len,
+            } => {
+                sanitize::sanitize(
+                    self,
+                    req.nexus,
+                    SanitizeArgs {
+                        sa,
+                        immed,
+                        ause,
+                        param_len,
+                    },
+                    req.data_out,
+                )?;
                 good(Vec::new())
             }
             Command::ExtendedCopy { param_len } => {

@@ -88,6 +88,18 @@ impl LunMap {
         }
     }
 
+    /// The frontend is about to wait for running commands it aborts: of
+    /// `nexus` (every nexus if `None`) on LUN `lun` (every LUN if `None`).
+    /// Commands that only wait for a background operation return at once
+    /// (see `sanitize`); nothing else changes.
+    pub fn cancel_waits(&self, lun: Option<u64>, nexus: Option<&Nexus>) {
+        for (n, lu) in &self.luns {
+            if lun.map_or(true, |l| l == *n) {
+                lu.sanitizer.cancel_waits(nexus);
+            }
+        }
+    }
+
     /// The frontend lost an I_T nexus (session closed, connection dropped,
     /// session reinstated): SPC-2 reservations it held are released and its
     /// pending unit attentions dropped (see `ua::UaTable::nexus_lost`).

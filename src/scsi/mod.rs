@@ -20,6 +20,11 @@
 //!   mismatches where the CDB fixes the length (COMPARE AND WRITE, WRITE
 //!   SAME).
 //! - `LogicalUnit::with_pr_store` plugs in APTPL persistence (`PrStore`).
+//! - `LunMap::cancel_waits(lun, nexus)`: call it when aborting running
+//!   commands (ABORT TASK, ABORT TASK SET, CLEAR TASK SET, resets, a lost
+//!   connection) *before* waiting for them: commands that only wait for a
+//!   background operation (SANITIZE with IMMED = 0) return at once, the
+//!   operation itself goes on. Their response is meant to be discarded.
 
 use std::sync::Arc;
 
@@ -159,6 +164,7 @@ mod lu;
 mod lun_map;
 pub mod pr;
 mod range_lock;
+mod sanitize;
 pub mod sbc;
 pub mod sense;
 pub mod spc;
@@ -169,6 +175,8 @@ mod xcopy;
 mod tests;
 #[cfg(test)]
 mod tests2;
+#[cfg(test)]
+mod tests_sanitize;
 
 pub use lun_map::{LogicalUnit, LuConfig, LunMap};
 pub use pr::PrStore;

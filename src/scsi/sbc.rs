@@ -71,6 +71,7 @@ pub fn read_capacity16(lu: &LogicalUnit, alloc_len: u32) -> Vec<u8> {
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&lu.blocks().saturating_sub(1).to_be_bytes());
     d[8..12].copy_from_slice(&lu.block_size().to_be_bytes());
+    d[13] = lu.lbppbe & 0x0F; // LOWEST ALIGNED LBA (bytes 14-15) stays 0
     if lu.dev.caps().discard {
         d[14] = 0xC0; // LBPME, LBPRZ
     }
@@ -518,67 +519,6 @@ pub fn read_defect_data(
         vec![0, b1, 0, 0]
     };
     truncate(d, alloc_len as usize)
-}
-
-/// SANITIZE OVERWRITE (1) or BLOCK ERASE (2) of the whole medium, exclusive
-/// against every other command. OVERWRITE writes the final pass once: the
-/// medium ends up as after `count` passes (inverted if INVERT and the count
-/// is even).
-pub fn sanitize(
-    lu: &LogicalUnit,
-    sa: u8,
-    param_len: u16,
-    data_out: &[u8],
-) -> Result<(), ScsiError> {
-    lu.check_writable()?;
-    let bs = lu.block_size() as usize;
-    let size = lu.blocks() << lu.shift;
-    let block = match sa {
-        0x01 => {
-            let pl = usize::from(param_len);
-            if pl < 5 || pl > bs + 4 {
-                return Err(ScsiError::cdb_byte(7));
-            }
-            let params = data_out.get(..pl).ok_or(ScsiError::ParamListLength)?;
-            let r = Reader::new(params);
-            let short = |_| ScsiError::ParamListLength;
-            let b0 = r.u8(0).map_err(short)?;
-            let count = b0 & 0x1F;
-            if b0 & 0x60 != 0 {
-                return Err(ScsiError::param(0, Some(6)));
-            }
-            if count == 0 {
-                return Err(ScsiError::param(0, Some(4)));
-            }
-            if r.u8(1).map_err(short)? != 0 {
-                return Err(ScsiError::param(1, None));
-            }
-            let ipl = usize::from(r.u16(2).map_err(short)?);
-            if ipl == 0 || ipl > pl - 4 || ipl > bs {
-                return Err(ScsiError::param(2, None));
-            }
-            let pattern = r.bytes(4, ipl).map_err(short)?;
-            let invert = b0 & 0x80 != 0 && count % 2 == 0;
-            let block: Vec<u8> = pattern
-                .iter()
-                .cycle()
-                .take(bs)
-                .map(|&b| if invert { !b } else { b })
-                .collect();
-            Some(block)
-        }
-        _ => {
-            if param_len != 0 {
-                return Err(ScsiError::cdb_byte(7));
-            }
-            None
-        }
-    };
-    let _g = lu.locks.exclusive(0, size);
-    match block {
-        Some(b) => write_pattern(lu, 0, size, &b, WriteFlags { fua: true }),
-        None => lu.dev.discard(0, size).map_err(ScsiError::write),
-    }
 }
 
 #[cfg(test)]

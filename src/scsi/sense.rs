@@ -32,6 +32,7 @@ pub struct Asc(pub u8, pub u8);
 impl Asc {
     pub const NO_ADDITIONAL: Asc = Asc(0x00, 0x00);
     pub const NOT_READY_INIT_REQUIRED: Asc = Asc(0x04, 0x02);
+    pub const SANITIZE_IN_PROGRESS: Asc = Asc(0x04, 0x1B);
     pub const WRITE_ERROR: Asc = Asc(0x0C, 0x00);
     pub const INVALID_FIELD_IN_IU: Asc = Asc(0x0E, 0x03);
     pub const UNRECOVERED_READ_ERROR: Asc = Asc(0x11, 0x00);
@@ -63,6 +64,7 @@ impl Asc {
     pub const CAPACITY_DATA_HAS_CHANGED: Asc = Asc(0x2A, 0x09);
     pub const COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: Asc = Asc(0x2F, 0x00);
     pub const SAVING_PARAMS_NOT_SUPPORTED: Asc = Asc(0x39, 0x00);
+    pub const SANITIZE_COMMAND_FAILED: Asc = Asc(0x31, 0x03);
     pub const REPORTED_LUNS_DATA_CHANGED: Asc = Asc(0x3F, 0x0E);
     pub const INTERNAL_TARGET_FAILURE: Asc = Asc(0x44, 0x00);
     pub const INSUFFICIENT_REGISTRATION_RESOURCES: Asc = Asc(0x55, 0x04);
@@ -104,6 +106,10 @@ pub struct Sense {
     pub info: Option<u64>,
     /// Sense-key-specific field pointer.
     pub field: Option<FieldPointer>,
+    /// Sense-key-specific progress indication (SPC-4 4.5.2.4.4), the
+    /// fraction done in 1/65536ths, for NOT READY "... in progress"
+    /// conditions. Ignored when `field` is set.
+    pub progress: Option<u16>,
 }
 
 /// Length of the fixed-format sense data we produce.
@@ -116,6 +122,19 @@ impl Sense {
             asc,
             info: None,
             field: None,
+            progress: None,
+        }
+    }
+
+    /// The 3 sense-key-specific bytes, SKSV set, if there are any.
+    fn key_specific(&self) -> Option<[u8; 3]> {
+        match (self.field, self.progress) {
+            (Some(fp), _) => Some(fp.encode()),
+            (None, Some(p)) => {
+                let [hi, lo] = p.to_be_bytes();
+                Some([0x80, hi, lo])
+            }
+            (None, None) => None,
         }
     }
 
@@ -135,8 +154,8 @@ impl Sense {
         s[7] = (FIXED_SENSE_LEN - 8) as u8;
         s[12] = self.asc.0;
         s[13] = self.asc.1;
-        if let Some(fp) = self.field {
-            s[15..18].copy_from_slice(&fp.encode());
+        if let Some(sks) = self.key_specific() {
+            s[15..18].copy_from_slice(&sks);
         }
         s
     }
@@ -150,9 +169,9 @@ impl Sense {
             s.extend_from_slice(&[0x00, 0x0A, 0x80, 0x00]);
             s.extend_from_slice(&info.to_be_bytes());
         }
-        if let Some(fp) = self.field {
+        if let Some(sks) = self.key_specific() {
             s.extend_from_slice(&[0x02, 0x06, 0x00]);
-            s.extend_from_slice(&fp.encode());
+            s.extend_from_slice(&sks);
             s.extend_from_slice(&[0x00, 0x00]);
         }
         s[7] = (s.len() - 8) as u8;
@@ -373,6 +392,21 @@ mod tests {
         let p = ScsiError::param(3, None).sense().unwrap().to_fixed();
         assert_eq!((p[12], p[13]), (0x26, 0x00));
         assert_eq!(&p[15..18], &[0x80, 0x00, 0x03]);
+    }
+
+    #[test]
+    fn progress_indication_in_both_formats() {
+        let s = Sense {
+            progress: Some(0x4000),
+            ..Sense::new(SenseKey::NotReady, Asc::SANITIZE_IN_PROGRESS)
+        };
+        let f = s.to_fixed();
+        assert_eq!((f[2], f[12], f[13]), (0x02, 0x04, 0x1B));
+        assert_eq!(&f[15..18], &[0x80, 0x40, 0x00]);
+        let d = s.to_descriptor();
+        assert_eq!(&d[..4], &[0x72, 0x02, 0x04, 0x1B]);
+        assert_eq!(&d[8..16], &[0x02, 0x06, 0x00, 0x80, 0x40, 0x00, 0x00, 0x00]);
+        assert_eq!(d[7], 8);
     }
 
     #[test]

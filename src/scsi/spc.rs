@@ -206,7 +206,10 @@ pub fn inquiry(
 pub fn request_sense(lu: &LogicalUnit, nexus: &Nexus, desc: bool, alloc_len: u8) -> Vec<u8> {
     let sense = match lu.ua.take(nexus) {
         Some(asc) => Sense::new(SenseKey::UnitAttention, asc),
-        None => Sense::new(SenseKey::NoSense, Asc::NO_ADDITIONAL),
+        None => lu
+            .sanitizer
+            .request_sense()
+            .unwrap_or(Sense::new(SenseKey::NoSense, Asc::NO_ADDITIONAL)),
     };
     truncate(sense.encode(desc), alloc_len.into())
 }

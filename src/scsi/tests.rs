@@ -700,6 +700,42 @@ fn read_capacity() {
     );
     c[13] = 32;
     assert_eq!(thin.ok(&c, &[])[14], 0xC0);
+    assert_eq!(d[13], 0, "one logical block per physical block by default");
+}
+
+#[test]
+fn physical_block_exponent() {
+    let mut c = [0u8; 16];
+    c[0] = 0x9E;
+    c[1] = 0x10;
+    c[13] = 32;
+    let lbppbe = |bs: u32, phys: u32| {
+        let dev: Arc<dyn BlockDev> = Arc::new(MemDev::new(1 << 20));
+        let mut map = LunMap::new();
+        let lu = LogicalUnit::new(config(bs), dev).with_physical_block_size(phys);
+        map.insert(0, Arc::new(lu));
+        let n = nexus("iqn.init-a");
+        let run = |cdb: &[u8]| {
+            map.execute(&ScsiRequest {
+                cdb,
+                lun: 0,
+                nexus: &n,
+                data_out: &[],
+                expected_in_len: 64,
+                task_attr: TaskAttr::Simple,
+            })
+        };
+        run(&[0; 6]);
+        let d = run(&c).data_in;
+        assert_eq!(&d[14..16], &[0, 0], "lowest aligned LBA 0");
+        d[13]
+    };
+    assert_eq!(lbppbe(512, 4096), 3);
+    assert_eq!(lbppbe(512, 65536), 7);
+    assert_eq!(lbppbe(4096, 4096), 0);
+    assert_eq!(lbppbe(4096, 512), 0);
+    assert_eq!(lbppbe(512, 0), 0);
+    assert_eq!(lbppbe(512, 3000), 0);
 }
 
 // --------------------------------------------------------------- READ / WRITE

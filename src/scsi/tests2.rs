@@ -946,7 +946,7 @@ fn sanitize_overwrite() {
     );
     // Short pattern replicated; INVERT with an even count inverts.
     let p = overwrite_params(0x82, &[0x0F, 0xF1]);
-    h.ok(&sanitize(1, 0x80, p.len() as u16), &p);
+    h.ok(&sanitize(1, 0, p.len() as u16), &p);
     let d = h.ok(&cdb10(0x28, 0, 7, 1), &[]);
     assert!(d.chunks(2).all(|c| c == [0xF0, 0x0E]));
     // Parameter list length outside 5..=bs+4, count 0, pattern length 0 or
@@ -980,7 +980,7 @@ fn sanitize_overwrite() {
         c[i] = 1;
         assert_eq!(h.fail(&c, &p), (5, 0x24, 0, cdb_ptr(i as u16, Some(7))));
     }
-    for sa in [0u8, 3, 4, 0x1F] {
+    for sa in [0u8, 3, 4, 0x1E] {
         assert_eq!(
             h.fail(&sanitize(sa, 0, 0), &[]),
             (5, 0x24, 0, cdb_ptr(1, Some(4)))

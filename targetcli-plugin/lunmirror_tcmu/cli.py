@@ -17,6 +17,8 @@ RequestJobStateChange, EnumerateVolumes.
 
 import argparse
 import cmd
+import os
+import re
 import shlex
 import sys
 import time
@@ -66,6 +68,35 @@ def volume_of(path):
     return None
 
 
+LIO_CORE = "/sys/kernel/config/target/core"
+
+
+def lio_user_objects(subtype="mirror", core=LIO_CORE):
+    """Names of the LIO `user` storage objects of `subtype` (their `info`
+    says `Config: <subtype>/...`), or None when LIO's configfs is not
+    visible here (then every volume of the daemon is listed)."""
+    try:
+        hbas = [h for h in os.listdir(core) if h.startswith("user_")]
+    except OSError:
+        return None
+    names = set()
+    for h in hbas:
+        try:
+            objs = os.listdir(os.path.join(core, h))
+        except OSError:
+            continue
+        for o in objs:
+            try:
+                with open(os.path.join(core, h, o, "info")) as f:
+                    info = f.read()
+            except OSError:
+                continue
+            m = re.search(r"Config: ([^/\s]*)/", info)
+            if m and m.group(1) == subtype:
+                names.add(o)
+    return names
+
+
 def state_name(table, v):
     try:
         return "%s (%d)" % (table[int(v)], int(v))
@@ -74,9 +105,10 @@ def state_name(table, v):
 
 
 class Shell:
-    def __init__(self, client, out=sys.stdout):
+    def __init__(self, client, out=sys.stdout, lio_core=LIO_CORE):
         self.client = client
         self.out = out
+        self.lio_core = lio_core
 
     def say(self, *a):
         print(*a, file=self.out)
@@ -109,7 +141,21 @@ class Shell:
         rv = res.get("ReturnValue") if isinstance(res, dict) else None
         if rv in (0, 4096):
             return res
-        raise CommandError("%s: ReturnValue %s (%s)" % (what, rv, RETURN_VALUES.get(rv, "?")))
+        raise CommandError("%s: ReturnValue %s (%s)%s" % (what, rv, RETURN_VALUES.get(rv, "?"), self.why(res)))
+
+    def get_job(self, job_id):
+        res = self.client.get_job(job_id)
+        job = control.job_instance(res)
+        if job is None:
+            rv = res.get("ReturnValue") if isinstance(res, dict) else None
+            raise CommandError("GetJob %s: ReturnValue %s (%s)%s" % (
+                job_id, rv, RETURN_VALUES.get(rv, "?"), self.why(res)))
+        return job
+
+    @staticmethod
+    def why(res):
+        d = res.get("ErrorDescription") if isinstance(res, dict) else None
+        return ": %s" % d if d else ""
 
     def show_job(self, job):
         self.say("%s: %s, %s%% complete%s" % (
@@ -122,13 +168,11 @@ class Shell:
         start = time.monotonic()
         last = None
         while True:
-            job = self.client.get_job(job_id)
-            if isinstance(job, dict) and "Job" in job and isinstance(job["Job"], dict):
-                job = job["Job"]
-            pct = job.get("PercentComplete")
-            if pct != last:
+            job = self.get_job(job_id)
+            now = (job.get("JobState"), job.get("PercentComplete"))
+            if now != last:
                 self.show_job(job)
-                last = pct
+                last = now
             if job.get("JobState") in FINISHED_JOB_STATES:
                 if job.get("JobState") != 7:
                     raise CommandError("job %s ended %s" % (job_id, state_name(JOB_STATES, job.get("JobState"))))
@@ -205,9 +249,14 @@ class Shell:
     def ls_volumes(self):
         vols = control.items(self.client.enumerate_volumes(), "Volumes")
         assocs = self.associations()
+        # The daemon also serves LUNs of its built-in iSCSI target; under
+        # user:mirror show only what LIO has as user:mirror objects.
+        lio = lio_user_objects(core=self.lio_core)
         self.say("o- user:mirror")
         for v in vols:
             name = (v.get("Name") or v.get("ElementName") or v.get("name")) if isinstance(v, dict) else v
+            if lio is not None and name not in lio:
+                continue
             self.say("  o- %s" % name)
             for a in assocs:
                 if a.get("SystemElement") == name:
@@ -226,10 +275,7 @@ class Shell:
         if not job_id:
             raise UsageError("%s needs id=JOB" % command)
         if command == "show":
-            job = self.client.get_job(job_id)
-            if isinstance(job, dict) and isinstance(job.get("Job"), dict):
-                job = job["Job"]
-            self.show_job(job)
+            self.show_job(self.get_job(job_id))
             return 0
         if command == "wait":
             self.wait_job(job_id, timeout=float(kv["timeout"]) if "timeout" in kv else None)
@@ -275,14 +321,14 @@ class Interactive(cmd.Cmd):
     do_EOF = do_exit
 
 
-def main(argv=None, out=sys.stdout):
+def main(argv=None, out=sys.stdout, lio_core=LIO_CORE):
     p = argparse.ArgumentParser(prog="lunmirror-targetcli", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--socket", default=control.DEFAULT_SOCKET, help="control socket (%(default)s)")
     p.add_argument("words", nargs="*", help="PATH COMMAND [key=value...]")
     a = p.parse_args(argv)
     client = control.ControlClient(a.socket)
-    shell = Shell(client, out)
+    shell = Shell(client, out, lio_core)
     try:
         if not a.words:
             Interactive(shell).cmdloop()

@@ -1,5 +1,5 @@
 """JSON-RPC 2.0 client of the lunmirror control socket (one JSON object
-per line over a Unix stream socket; see docs/CONTROL-PROTOCOL.md)."""
+per line over a Unix stream socket; see docs/control-protocol.md)."""
 
 import itertools
 import json
@@ -8,7 +8,7 @@ import socket
 
 DEFAULT_SOCKET = os.environ.get("LUNMIRROR_CONTROL_SOCKET", "/var/lib/lunmirror/control.sock")
 
-# CIM values used on the wire (docs/CONTROL-PROTOCOL.md).
+# CIM values used on the wire (docs/control-protocol.md).
 COPY_TYPES = {"async": 2, "sync": 3, "unsync-assoc": 4, "unsync-unassoc": 5}
 OPERATIONS = {"detach": 2, "fracture": 3, "resync": 4, "restore": 5,
               "reset-to-sync": 10, "reset-to-async": 11}
@@ -124,6 +124,17 @@ def items(result, *keys):
             if isinstance(v, list):
                 return v
     return []
+
+
+def job_instance(result):
+    """The CIM_ConcreteJob in a GetJob result (`{"ReturnValue": 0,
+    "Instance": {...}}`); None for an unknown job (ReturnValue 5)."""
+    if isinstance(result, dict):
+        if "Instance" in result:
+            return result["Instance"] if isinstance(result["Instance"], dict) else None
+        if "InstanceID" in result:
+            return result
+    return None
 
 
 def sync_id(assoc):

@@ -32,7 +32,8 @@ class Model:
             if not isinstance(ct, int):
                 raise RpcFault(-32602, "CopyType must be an integer")
             if src not in self.volumes or not str(tgt).startswith("/"):
-                return {"ReturnValue": 5}
+                return {"ReturnValue": 5, "Job": None, "Synchronization": None,
+                        "ErrorDescription": "unknown SourceElement %r" % src}
             if any(a["SyncedElement"] == tgt for a in self.assocs):
                 return {"ReturnValue": 6}
             sid = "sync:%d" % (len(self.assocs) + 1)
@@ -61,9 +62,12 @@ class Model:
         if method == "EnumerateJobs":
             return {"Jobs": [{k: v for k, v in j.items() if k != "polls"} for j in self.jobs.values()]}
         if method == "GetJob":
+            # As the daemon answers (docs/control-protocol.md): the job is
+            # the "Instance"; an unknown job is ReturnValue 5, Instance null.
             j = self.jobs.get(params.get("Job"))
             if j is None:
-                raise RpcFault(-32000, "no such job")
+                return {"ReturnValue": 5, "Instance": None,
+                        "ErrorDescription": "unknown Job %r" % params.get("Job")}
             j["polls"] += 1
             j["PercentComplete"] = min(100, j["polls"] * 50)
             if j["polls"] >= self.job_polls_to_finish and j["JobState"] == 4:
@@ -71,7 +75,7 @@ class Model:
                 for a in self.assocs:
                     a["SyncState"] = 6
                     a["PercentSynced"] = 100
-            return {k: v for k, v in j.items() if k != "polls"}
+            return {"ReturnValue": 0, "Instance": {k: v for k, v in j.items() if k != "polls"}}
         if method == "RequestJobStateChange":
             j = self.jobs.get(params.get("Job"))
             if j is None:

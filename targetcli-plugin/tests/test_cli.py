@@ -1,13 +1,15 @@
 import io
+import os
+import tempfile
 import unittest
 
 from lunmirror_tcmu import cli, control
 from fake_control import FakeControl
 
 
-def run(fc, *words):
+def run(fc, *words, lio_core="/nonexistent/configfs"):
     out = io.StringIO()
-    rc = cli.main(["--socket", fc.path] + list(words), out=out)
+    rc = cli.main(["--socket", fc.path] + list(words), out=out, lio_core=lio_core)
     return rc, out.getvalue()
 
 
@@ -48,6 +50,32 @@ class Commands(unittest.TestCase):
             rc, out = run(fc, "/backstores/user:mirror", "ls")
             self.assertIn("o- disk0", out)
             self.assertIn("o- disk1", out)
+
+    def test_ls_shows_only_lio_user_mirror_objects_when_configfs_is_visible(self):
+        with FakeControl() as fc, tempfile.TemporaryDirectory() as core:
+            # disk0 is a user:mirror object; disk1 is a built-in iSCSI LUN
+            # of the daemon; "q" is another handler's object.
+            for hba, obj, cfg in (("user_1", "disk0", "mirror//srv/d0.img"),
+                                  ("user_2", "q", "qcow//srv/q.qcow2"),
+                                  ("fileio_0", "disk1", "")):
+                os.makedirs(os.path.join(core, hba, obj))
+                with open(os.path.join(core, hba, obj, "info"), "w") as f:
+                    f.write("Status: ACTIVATED  Max Queue Depth: 0\n        Config: %s Size: 1048576\n" % cfg)
+            rc, out = run(fc, "/backstores/user:mirror", "ls", lio_core=core)
+            self.assertEqual(rc, 0, out)
+            self.assertIn("o- disk0", out)
+            self.assertNotIn("disk1", out)
+            self.assertNotIn("o- q", out)
+            self.assertEqual(cli.lio_user_objects(core=core), {"disk0"})
+            self.assertEqual(cli.lio_user_objects("qcow", core=core), {"q"})
+            self.assertIsNone(cli.lio_user_objects(core=os.path.join(core, "missing")))
+
+    def test_unknown_job_is_an_error_with_the_reason(self):
+        with FakeControl() as fc:
+            rc, out = run(fc, "/jobs", "show", "id=lunmirror:99")
+            self.assertEqual(rc, 1)
+            rc, out = run(fc, "/jobs", "wait", "id=lunmirror:99")
+            self.assertEqual(rc, 1)
 
     def test_return_values_become_errors(self):
         with FakeControl() as fc:
