@@ -30,6 +30,7 @@ BASE = "lunmirror"
 # Issue 5's goals: (pattern, qd) -> minimum IOPS ratio to tgtd.
 GOALS = {("randread", 32): 2.0, ("randwrite", 32): 1.5, ("read", 32): 1.6, ("write", 32): 1.5}
 QD1_LAT_GOAL = 1.3          # QD1 4 KiB read mean latency / TCP round trip
+STREAM_GOAL = 0.70          # 1 MiB read QD32 MB/s / one loopback TCP stream
 MIRROR_GOALS = {"lunmirror-sync": 0.8, "lunmirror-async": 0.9}   # vs unmirrored
 
 
@@ -144,6 +145,28 @@ def main():
                     if lm:
                         out.append(f"- {tgt}: {lm:.1f} µs = {lm / rtt:.2f}×"
                                    + ("" if tgt == REF else " (met)" if lm / rtt <= QD1_LAT_GOAL else " (NOT met)"))
+
+    streams = []
+    sp = os.path.join(d, "stream.tsv")
+    if os.path.exists(sp):
+        for line in open(sp):
+            f = line.split()
+            if len(f) >= 2 and f[1]:
+                streams.append(float(f[1]))
+    if streams:
+        smed = med(streams)
+        slo, shi = rng(streams)
+        out += ["", f"One loopback TCP stream (benches/tcp_stream.py, 1 MiB writes): {smed:,.0f} MB/s "
+                    f"({slo:,.0f}..{shi:,.0f}, {len(streams)} runs). 1 MiB sequential read QD32 as a share "
+                    f"of it, goal ≥ {STREAM_GOAL:.0%}:"]
+        rd = runs.get(("read", 1 << 20, 32), {})
+        for tgt in targets:
+            if tgt in rd:
+                mbs = med([r["mbs"] for r in rd[tgt].values()])
+                if mbs:
+                    share = mbs / smed
+                    out.append(f"- {tgt}: {mbs:,.0f} MB/s = {share:.0%}"
+                               + ("" if tgt == REF else " (met)" if share >= STREAM_GOAL else " (NOT met)"))
 
     lag = collections.OrderedDict()
     lp = os.path.join(d, "mirror-lag.tsv")

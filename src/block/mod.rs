@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+pub mod bufpool;
 pub mod file;
 pub mod mem;
 

@@ -226,7 +226,7 @@ impl Conn {
             std::mem::swap(&mut batch, &mut q.pending);
             drop(q);
             let res = self.write_batch(&batch);
-            batch.clear();
+            recycle(&mut batch);
             q = self.lock_out();
             if let Err(e) = res {
                 tracing::debug!(conn = self.id, "write failed: {e}");
@@ -416,6 +416,23 @@ impl Conn {
         let handles = std::mem::take(&mut *lock(&self.pool.handles));
         for h in handles {
             let _ = h.join();
+        }
+    }
+}
+
+/// Empty a written batch, returning large data buffers to the pool (a
+/// shared Data-In buffer goes back with the last PDU that used it).
+fn recycle(batch: &mut Vec<OutPdu>) {
+    let pool = crate::block::bufpool::global();
+    for p in batch.drain(..) {
+        match p.data {
+            OutData::Owned(v) => pool.give(v),
+            OutData::Shared(a, _, _) => {
+                if let Ok(v) = Arc::try_unwrap(a) {
+                    pool.give(v);
+                }
+            }
+            OutData::Empty => {}
         }
     }
 }
@@ -1280,7 +1297,7 @@ impl FfpReader {
                 Ok(s) => s,
                 Err(e) => return Err(self.protocol_error(bhs, e.to_string())),
             };
-            data = vec![0u8; edtl as usize];
+            data = crate::block::bufpool::global().take_zeroed(edtl as usize);
             let dst = data.get_mut(..data_len as usize).unwrap_or(&mut []);
             if self.read_data_into(dst)?.is_err() {
                 return Err(self.digest_error(bhs));
@@ -2048,7 +2065,7 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
         }
     };
     // Free the write buffer (and its budget) before queueing the response.
-    job.data = Vec::new();
+    crate::block::bufpool::global().give(std::mem::take(&mut job.data));
     job.charge = None;
 
     let mut pdus: Vec<OutPdu> = Vec::new();

@@ -85,10 +85,18 @@ pub fn read(lu: &LogicalUnit, form: Form, lba: u64, blocks: u32) -> Result<Vec<u
         return Ok(Vec::new());
     }
     // len <= MAX_XFER_BYTES, so it fits in usize.
-    let mut buf = vec![0u8; len as usize];
+    // `read_at` fills all of it or fails: a recycled buffer's old bytes
+    // never leave.
+    let pool = crate::block::bufpool::global();
+    let mut buf = pool.take_for_overwrite(len as usize);
     let _g = lu.locks.shared(off, len);
-    lu.dev.read_at(&mut buf, off).map_err(ScsiError::read)?;
-    Ok(buf)
+    match lu.dev.read_at(&mut buf, off) {
+        Ok(()) => Ok(buf),
+        Err(e) => {
+            pool.give(buf);
+            Err(ScsiError::read(e))
+        }
+    }
 }
 
 /// Write flags for a write with the given FUA bit: with the write cache
