@@ -94,6 +94,8 @@ impl OutPdu {
 #[derive(Debug)]
 struct OutQueue {
     pending: Vec<OutPdu>,
+    /// When the oldest PDU in `pending` was queued (bounds coalescing).
+    pending_since: Option<Instant>,
     writing: bool,
     stat_sn: u32,
     dead: bool,
@@ -107,6 +109,11 @@ const INLINE_MAX: u32 = 128 * 1024;
 /// (on workers or inline) show the device is quick again.
 const INLINE_SLOW: Duration = Duration::from_millis(1);
 const INLINE_AFTER_FAST: u32 = 16;
+/// Most PDUs a worker leaves queued for the next one to write (see
+/// `Conn::defer_flush`).
+const COALESCE_MAX: usize = 64;
+/// Longest a queued response waits for a later one to share its `writev`.
+const COALESCE_AGE: Duration = Duration::from_micros(100);
 
 /// Per-connection values fixed at login.
 #[derive(Debug, Clone, Copy)]
@@ -194,6 +201,9 @@ impl Conn {
         // Read inside the queue lock: values only grow, so stamps grow in
         // queue (= wire) order.
         let (exp, max) = self.session.exp_max();
+        if q.pending_since.is_none() {
+            q.pending_since = Some(Instant::now());
+        }
         for mut p in pdus {
             match p.stat {
                 StatSn::Advance => {
@@ -224,6 +234,7 @@ impl Conn {
         let mut batch = Vec::new();
         loop {
             std::mem::swap(&mut batch, &mut q.pending);
+            q.pending_since = None;
             drop(q);
             let res = self.write_batch(&batch);
             recycle(&mut batch);
@@ -232,6 +243,7 @@ impl Conn {
                 tracing::debug!(conn = self.id, "write failed: {e}");
                 q.dead = true;
                 q.pending.clear();
+                q.pending_since = None;
                 let _ = self.stream.shutdown(Shutdown::Both);
             }
             if q.pending.is_empty() {
@@ -371,6 +383,25 @@ impl Conn {
         {
             self.spawn_worker();
         }
+    }
+
+    /// Whether a worker that just queued its response may leave the
+    /// writing to whoever finishes the next queued job. At queue depth 32
+    /// most responses would otherwise leave one `writev` each: a TCP
+    /// segment the loopback receiver processes and wakes the initiator
+    /// for. Coalescing them cuts both. Only while the device is fast (the
+    /// queued job will finish soon, see `INLINE_SLOW`), up to
+    /// `COALESCE_MAX` PDUs and for at most `COALESCE_AGE`; the worker
+    /// that takes the last queued job always flushes.
+    fn defer_flush(&self) -> bool {
+        if self.pool.queued.load(Ordering::Acquire) == 0
+            || self.fast_streak.load(Ordering::Relaxed) < INLINE_AFTER_FAST
+        {
+            return false;
+        }
+        let q = self.lock_out();
+        q.pending.len() < COALESCE_MAX
+            && q.pending_since.is_some_and(|t| t.elapsed() < COALESCE_AGE)
     }
 
     /// No job queued and every worker waiting for one.
@@ -754,6 +785,7 @@ fn attach(
         stream,
         out: Mutex::new(OutQueue {
             pending: Vec::new(),
+            pending_since: None,
             writing: false,
             stat_sn: next_stat_sn,
             dead: false,
@@ -856,6 +888,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
         let mut q = conn.lock_out();
         q.dead = true;
         q.pending.clear();
+        q.pending_since = None;
     }
     let _ = conn.stream.shutdown(Shutdown::Both);
     if had_running {
@@ -2178,6 +2211,8 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
         }
     }
     session.changed.notify_all();
-    conn.flush();
+    if !conn.defer_flush() {
+        conn.flush();
+    }
     acts.run();
 }
