@@ -60,7 +60,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             queue_depth: 128,
-            max_workers_per_connection: 16,
+            max_workers_per_connection: 8,
             max_command_data: 64 << 20,
             session_data_budget: 512 << 20,
             nop_interval: Duration::from_secs(15),
