@@ -4,7 +4,7 @@
 //! shipper thread.
 //!
 //! The association decides, for every host write on its source, what has
-//! to happen on the replica side (`Plan`): mirror it in parallel (Sync),
+//! to happen on the replica side (`Plan`): mirror it (Sync, on the host's thread),
 //! journal it (Async), only remember the region as out of sync (Broken,
 //! Fractured, Idle, point-in-time copies), or nothing. Before that it
 //! performs *copy-before-write* for regions a copy task has not reached:
@@ -138,7 +138,8 @@ pub struct MirrorPolicy {
     /// write that hit the replica error), instead of tracking them.
     pub fail_host_io_on_replica_error: bool,
     pub journal: JournalConfig,
-    /// Threads per Sync association issuing replica I/O.
+    /// Threads per Sync association issuing replica flushes (mirrored
+    /// writes run on the host's thread).
     pub replica_threads: usize,
     /// The shipper flushes the replica and checkpoints the journal after
     /// this many applied bytes …
@@ -187,12 +188,11 @@ struct Inner {
     when_synced: Option<SystemTime>,
 }
 
-/// Replica I/O issued by the per-association worker threads.
+/// Replica I/O issued by the per-association worker threads: only flushes
+/// (a host flush runs the replica's `fdatasync` in parallel with the
+/// primary's). Mirrored writes run on the host's thread (`MirroredVolume`).
 #[derive(Debug)]
 enum ReplicaOp {
-    Write(Arc<Vec<u8>>, u64, WriteFlags),
-    Zeroes(u64, u64, WriteFlags),
-    Discard(u64, u64),
     Flush,
 }
 
@@ -215,9 +215,6 @@ impl ReplicaIo {
                     .spawn(move || {
                         for (op, reply) in rx {
                             let r = match op {
-                                ReplicaOp::Write(data, off, fl) => dev.write_at(&data, off, fl),
-                                ReplicaOp::Zeroes(off, len, fl) => dev.write_zeroes(off, len, fl),
-                                ReplicaOp::Discard(off, len) => dev.discard(off, len),
                                 ReplicaOp::Flush => dev.flush(),
                             };
                             let _ = reply.send(r);
@@ -265,7 +262,8 @@ impl Drop for ReplicaIo {
 /// What a host write must do for one association (after copy-before-write).
 #[derive(Debug)]
 pub(crate) enum Plan {
-    /// Issue the same operation on the replica in parallel.
+    /// Issue the same operation on the replica (the caller does, after the
+    /// primary operation).
     Mirror,
     /// Append a journal record before the primary write.
     Journal(Arc<Journal>),
@@ -889,22 +887,6 @@ impl Association {
             }
         };
         Ok(plan)
-    }
-
-    /// Issue a mirrored operation on the replica threads.
-    pub(crate) fn submit_write(
-        &self,
-        data: Arc<Vec<u8>>,
-        offset: u64,
-        flags: WriteFlags,
-    ) -> ReplicaReply {
-        self.io.submit(ReplicaOp::Write(data, offset, flags))
-    }
-    pub(crate) fn submit_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> ReplicaReply {
-        self.io.submit(ReplicaOp::Zeroes(offset, len, flags))
-    }
-    pub(crate) fn submit_discard(&self, offset: u64, len: u64) -> ReplicaReply {
-        self.io.submit(ReplicaOp::Discard(offset, len))
     }
 
     /// A mirrored write failed on the replica: Broken, region tracked.

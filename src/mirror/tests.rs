@@ -140,6 +140,10 @@ fn sync_initial_copy_with_concurrent_writes_converges() {
     assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
 }
 
+/// The primary write is not held up by a slow replica write, and the host
+/// write is acknowledged only once the replica holds it. (The name is from
+/// when the replica write ran on another thread; it now runs on the host's
+/// thread right after the primary write.)
 #[test]
 fn sync_replica_write_runs_in_parallel_with_primary() {
     let r = rig(16 * RS);
