@@ -671,7 +671,7 @@ impl Association {
         self.locked().when_synced
     }
 
-    fn journal(&self) -> Option<Arc<Journal>> {
+    pub(crate) fn journal(&self) -> Option<Arc<Journal>> {
         self.locked().journal.clone()
     }
 
@@ -1579,14 +1579,23 @@ impl Association {
     }
 }
 
+/// Records the shipper takes per wake-up (it marks them applied together).
+const SHIP_BATCH_RECORDS: usize = 64;
+/// … and bytes: space is freed for throttled writers at least this often.
+const SHIP_BATCH_BYTES: u64 = 4 << 20;
+
 fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
     let mut unflushed_bytes = 0u64;
     let mut unflushed_records = 0u64;
     let mut last_ckpt = Instant::now();
     loop {
-        let next = journal.next_pending(Duration::from_millis(100));
+        let batch = journal.next_batch(
+            Duration::from_millis(100),
+            SHIP_BATCH_RECORDS,
+            SHIP_BATCH_BYTES,
+        );
         let Some(a) = me.upgrade() else { return };
-        if a.stopping.load(Ordering::SeqCst) && next.is_none() && a.shipper_may_exit(&journal) {
+        if a.stopping.load(Ordering::SeqCst) && batch.is_empty() && a.shipper_may_exit(&journal) {
             return;
         }
         let checkpoint = |a: &Association, records: &mut u64, bytes: &mut u64| -> bool {
@@ -1604,7 +1613,7 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             *bytes = 0;
             true
         };
-        let Some(p) = next else {
+        if batch.is_empty() {
             if !journal.is_shipping() {
                 // Stopped: leave the journal as it is for the next start.
                 let _ = checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes);
@@ -1621,50 +1630,80 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             }
             last_ckpt = Instant::now();
             continue;
-        };
-        let flags = WriteFlags { fua: p.fua };
-        let res: Result<(), String> = match p.kind {
-            RecordKind::Write => match journal.read_data(&p) {
-                Ok(d) => a
-                    .replica
-                    .write_at(&d, p.offset, flags)
-                    .map_err(|e| format!("replica I/O error: {e}")),
-                Err(JournalError::Gone) => continue,
-                Err(e) => Err(format!("journal read failed: {e}")),
-            },
-            RecordKind::Flush => a
-                .replica
-                .flush()
-                .map_err(|e| format!("replica flush failed: {e}")),
-            RecordKind::WriteZeroes => a
-                .replica
-                .write_zeroes(p.offset, p.length, flags)
-                .map_err(|e| format!("replica I/O error: {e}")),
-            RecordKind::Discard => a
-                .replica
-                .discard(p.offset, p.length)
-                .map_err(|e| format!("replica I/O error: {e}")),
-        };
-        if let Err(why) = res {
-            a.fail(why);
-            if a.shipper_may_exit(&journal) {
-                return;
-            }
-            continue;
         }
-        journal.mark_applied(p.seq);
-        unflushed_records += 1;
-        unflushed_bytes += p.length;
-        let due = p.kind == RecordKind::Flush
-            || unflushed_bytes >= a.policy.checkpoint_bytes
-            || last_ckpt.elapsed() >= a.policy.checkpoint_interval;
-        if due {
-            if !checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes)
-                && a.shipper_may_exit(&journal)
-            {
-                return;
+        // Applied but not yet marked (marked once per batch, or before a
+        // checkpoint, which records the applied position).
+        let mut unmarked: Option<u64> = None;
+        let mut exit = false;
+        for p in &batch {
+            let flags = WriteFlags { fua: p.fua };
+            let res: Result<(), String> = match p.kind {
+                RecordKind::Write => {
+                    let from_file;
+                    let data = match p.mem_data() {
+                        Some(d) => Ok(d),
+                        None => match journal.read_file_data(p) {
+                            Ok(d) => {
+                                from_file = d;
+                                Ok(from_file.as_slice())
+                            }
+                            Err(e) => Err(e),
+                        },
+                    };
+                    match data {
+                        Ok(d) => a
+                            .replica
+                            .write_at(d, p.offset, flags)
+                            .map_err(|e| format!("replica I/O error: {e}")),
+                        // Drained meanwhile: the rest of the batch is gone too.
+                        Err(JournalError::Gone) => break,
+                        Err(e) => Err(format!("journal read failed: {e}")),
+                    }
+                }
+                RecordKind::Flush => a
+                    .replica
+                    .flush()
+                    .map_err(|e| format!("replica flush failed: {e}")),
+                RecordKind::WriteZeroes => a
+                    .replica
+                    .write_zeroes(p.offset, p.length, flags)
+                    .map_err(|e| format!("replica I/O error: {e}")),
+                RecordKind::Discard => a
+                    .replica
+                    .discard(p.offset, p.length)
+                    .map_err(|e| format!("replica I/O error: {e}")),
+            };
+            if let Err(why) = res {
+                if let Some(seq) = unmarked.take() {
+                    journal.mark_applied(seq);
+                }
+                a.fail(why);
+                exit = a.shipper_may_exit(&journal);
+                unmarked = None;
+                break;
             }
-            last_ckpt = Instant::now();
+            unmarked = Some(p.seq);
+            unflushed_records += 1;
+            unflushed_bytes += p.length;
+            let due = p.kind == RecordKind::Flush
+                || unflushed_bytes >= a.policy.checkpoint_bytes
+                || last_ckpt.elapsed() >= a.policy.checkpoint_interval;
+            if due {
+                if let Some(seq) = unmarked.take() {
+                    journal.mark_applied(seq);
+                }
+                if !checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes) {
+                    exit = a.shipper_may_exit(&journal);
+                    break;
+                }
+                last_ckpt = Instant::now();
+            }
+        }
+        if let Some(seq) = unmarked {
+            journal.mark_applied(seq);
+        }
+        if exit {
+            return;
         }
     }
 }
