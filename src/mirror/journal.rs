@@ -541,6 +541,12 @@ impl Journal {
                 report.gap = true;
             }
             let mut want = expected.unwrap_or(first_seq);
+            if want < first_seq && want <= head + 1 && first_seq == head + 1 {
+                // The records in between were applied from memory (and
+                // `head` recorded) but never reached the file before a
+                // crash; the new segment continues right after `head`.
+                want = first_seq;
+            }
             if want != first_seq {
                 report.stopped_at = Some(format!("segment {first_seq} does not follow {want}"));
                 stop = true;
@@ -1455,6 +1461,40 @@ mod tests {
         let (j, rep) = Journal::open(dir.path(), cfg(1 << 30, 1 << 20)).unwrap();
         assert_eq!((rep.pending, rep.stopped_at), (3, None));
         assert_eq!(j.append(RecordKind::Flush, false, 0, 0, &[]).unwrap(), 4);
+    }
+
+    /// Records shipped from memory before they reached the file, then a
+    /// crash: `head` is beyond the file's last record. Replay accepts the
+    /// next segment starting right after `head`, so records appended (and
+    /// synced) after the restart survive a second crash.
+    #[test]
+    fn head_beyond_the_written_records_survives_two_crashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), cfg(1 << 30, 1 << 20)).unwrap();
+        j.append(RecordKind::Write, false, 0, 10, &[1; 10]).unwrap();
+        j.hold_writes(true);
+        for _ in 0..5 {
+            j.append(RecordKind::Write, false, 0, 10, &[2; 10]).unwrap();
+        }
+        // The shipper applied 1..=4 from memory and checkpointed.
+        let batch = j.next_batch(Duration::ZERO, 4, u64::MAX);
+        assert!(batch.iter().all(|p| p.mem_data().is_some()));
+        j.mark_applied(4);
+        j.checkpoint().unwrap();
+        assert_eq!(read_head(dir.path()), 4);
+        assert_eq!(j.staged_count(), 5, "2..=6 never reached the file");
+        drop(j); // crash
+        let (j, rep) = Journal::open(dir.path(), cfg(1 << 30, 1 << 20)).unwrap();
+        assert_eq!((rep.pending, rep.gap), (0, false));
+        let a = j.append(RecordKind::Write, true, 0, 10, &[3; 10]).unwrap();
+        let b = j.append(RecordKind::Write, true, 0, 10, &[4; 10]).unwrap();
+        assert_eq!((a, b), (5, 6));
+        j.sync_to(b).unwrap();
+        drop(j); // crash again
+        let (j, rep) = Journal::open(dir.path(), cfg(1 << 30, 1 << 20)).unwrap();
+        assert_eq!((rep.pending, rep.stopped_at, rep.gap), (2, None, false));
+        let p = j.next_pending(Duration::ZERO).unwrap();
+        assert_eq!((p.seq, j.read_data(&p).unwrap()), (5, vec![3; 10]));
     }
 
     /// Records within the memory cap are shipped from memory; the rest are
