@@ -1495,9 +1495,14 @@ impl Association {
     /// Round part 2 (after the primary was flushed): flush the replica /
     /// sync the journal, then clear the marks that are no longer needed.
     pub(crate) fn housekeep_finish(&self, keep_before: Bitmap, primary_flushed: bool) {
-        let (follows, journal, copy_type) = {
+        let (follows, journal, copy_type, copying) = {
             let g = self.locked();
-            (g.state.follows(), g.journal.clone(), g.copy_type)
+            (
+                g.state.follows(),
+                g.journal.clone(),
+                g.copy_type,
+                g.copy.is_some(),
+            )
         };
         if !primary_flushed {
             return;
@@ -1508,7 +1513,13 @@ impl Association {
                 return;
             }
         }
-        let replica_needed = follows && copy_type != CopyType::UnSyncUnAssoc;
+        // An Async replica only receives journal records, and the shipper
+        // flushes it before it records them applied: the synced journal
+        // covers every write of the round. A copy task writes the replica
+        // directly, so while one runs the replica is flushed here too.
+        let replica_needed = follows
+            && copy_type != CopyType::UnSyncUnAssoc
+            && (copy_type != CopyType::Async || copying);
         if replica_needed {
             if let Err(e) = self.replica.flush() {
                 self.flush_failed(&e.to_string());
@@ -1520,6 +1531,11 @@ impl Association {
         let desired = {
             let mut g = self.locked();
             if !Self::tracks(&g) {
+                return;
+            }
+            if !replica_needed && g.copy.as_ref().is_some_and(|c| !c.kind.to_primary()) {
+                // A copy to the replica started after the flush decision:
+                // regions it copied are not flushed there yet. Next round.
                 return;
             }
             let mut keep = keep_before;

@@ -11,13 +11,15 @@
 //! ## Group append and shipping from memory
 //! Appending only encodes the record into its own buffer and queues it
 //! (*staged*) under the journal mutex; the file position is reserved at the
-//! same time, so the order in the file is the sequence order. The appender
-//! that finds no write in progress becomes the *leader*: outside the mutex
-//! it writes every staged record with one `pwritev` per run, and repeats for
-//! what was staged meanwhile (a few rounds at most, then the next appender
-//! takes over). Other appenders return at once. [`Journal::sync_to`] (FUA,
-//! flush) first gets every record up to its sequence number into the file,
-//! then `fdatasync`s (group commit).
+//! same time, so the order in the file is the sequence order. Once
+//! `WRITE_BATCH_BYTES` are staged, the appender that finds no write in
+//! progress becomes the *leader*: outside the mutex it writes every staged
+//! record with one `pwritev` per run, and repeats while a full batch was
+//! staged meanwhile (a few rounds at most, then the next appender takes
+//! over). Other appenders return at once. [`Journal::sync_to`] (FUA, flush,
+//! the activity-log housekeeping round) first gets every record up to its
+//! sequence number into the file, then `fdatasync`s (group commit); reading
+//! a record from the file writes the staged ones first.
 //!
 //! The same buffer stays attached to the pending record (up to
 //! [`JournalConfig::memory_cap`] bytes of them), so the shipper applies it
@@ -330,6 +332,13 @@ struct Staged {
     bytes: Arc<Vec<u8>>,
 }
 
+/// Staged bytes at which an appender writes them out. Until then records
+/// only wait in memory: each `pwritev` of a journal append costs a system
+/// call and the file system's per-call work, so fewer, larger ones are
+/// cheaper, and a record's place in the file matters only for `sync_to`,
+/// file reads and crash replay (see the module docs).
+const WRITE_BATCH_BYTES: u64 = 256 << 10;
+
 /// How many rounds a leader writes before it leaves the staged records to
 /// the next appender (bounds the latency added to the leader's own write).
 const LEAD_ROUNDS: usize = 4;
@@ -456,6 +465,8 @@ struct Inner {
     shipping: bool,
     /// Appended records not handed to a writer yet, in sequence order.
     staged: Vec<Staged>,
+    /// Their bytes.
+    staged_bytes: u64,
     /// A leader is writing staged records (only one at a time, so batches
     /// reach the file in sequence order).
     writing: bool,
@@ -625,6 +636,7 @@ impl Journal {
                 dir_dirty: false,
                 shipping: true,
                 staged: Vec::new(),
+                staged_bytes: 0,
                 writing: false,
                 written_seq: next_seq - 1,
                 write_error: None,
@@ -710,6 +722,7 @@ impl Journal {
             if need_new && g.open_tail && !g.staged.is_empty() {
                 // Once per segment: write what is staged under the mutex.
                 let batch = std::mem::take(&mut g.staged);
+                g.staged_bytes = 0;
                 if let Err(e) = write_staged(&batch) {
                     g.write_error = Some(e.to_string());
                     return Err(e.into());
@@ -783,10 +796,14 @@ impl Journal {
             pos,
             bytes: rec,
         });
+        g.staged_bytes += rec_bytes;
         let wake = std::mem::take(&mut g.shipper_waiting);
-        let lead = !g.writing && !Self::holding(&g);
+        // Small records wait until there is a batch worth a system call
+        // (FUA appends are written by the `sync_to` that follows).
+        let lead = !g.writing && !Self::holding(&g) && g.staged_bytes >= WRITE_BATCH_BYTES;
         let batch = if lead {
             g.writing = true;
+            g.staged_bytes = 0;
             Some((std::mem::take(&mut g.staged), g.epoch))
         } else {
             None
@@ -854,7 +871,7 @@ impl Journal {
             }
             // Reuse the batch's allocation for the next round.
             batch.clear();
-            if g.staged.is_empty() || rounds >= LEAD_ROUNDS || Self::holding(&g) {
+            if g.staged_bytes < WRITE_BATCH_BYTES || rounds >= LEAD_ROUNDS || Self::holding(&g) {
                 // Anything left is written by the next appender, `sync_to`,
                 // or a reader of the file (`ensure_written`).
                 g.writing = false;
@@ -866,6 +883,7 @@ impl Journal {
                 return Ok(());
             }
             std::mem::swap(&mut batch, &mut g.staged);
+            g.staged_bytes = 0;
             epoch = g.epoch;
             let waiters = g.write_waiters > 0;
             drop(g);
@@ -892,6 +910,7 @@ impl Journal {
                     return Ok(());
                 }
                 g.writing = true;
+                g.staged_bytes = 0;
                 let batch = std::mem::take(&mut g.staged);
                 let epoch = g.epoch;
                 drop(g);
@@ -1142,6 +1161,7 @@ impl Journal {
         g.pending_bytes = 0;
         g.mem_bytes = 0;
         g.staged.clear();
+        g.staged_bytes = 0;
         g.write_error = None;
         g.epoch += 1;
         g.applied_seq = g.next_seq - 1;
@@ -1451,7 +1471,12 @@ mod tests {
         for i in 0..3u64 {
             j.append(RecordKind::Write, false, i, 10, &[1; 10]).unwrap();
         }
-        assert_eq!(j.staged_count(), 0, "an appender with no leader writes");
+        assert_eq!(j.staged_count(), 3, "small records wait for a batch");
+        // A record that fills the batch makes its appender write them all.
+        let big = vec![1u8; WRITE_BATCH_BYTES as usize];
+        j.append(RecordKind::Write, false, 0, big.len() as u64, &big)
+            .unwrap();
+        assert_eq!(j.staged_count(), 0);
         j.hold_writes(true);
         for i in 0..4u64 {
             j.append(RecordKind::Write, false, i, 10, &[2; 10]).unwrap();
@@ -1459,8 +1484,8 @@ mod tests {
         assert_eq!(j.staged_count(), 4);
         drop(j);
         let (j, rep) = Journal::open(dir.path(), cfg(1 << 30, 1 << 20)).unwrap();
-        assert_eq!((rep.pending, rep.stopped_at), (3, None));
-        assert_eq!(j.append(RecordKind::Flush, false, 0, 0, &[]).unwrap(), 4);
+        assert_eq!((rep.pending, rep.stopped_at), (4, None));
+        assert_eq!(j.append(RecordKind::Flush, false, 0, 0, &[]).unwrap(), 5);
     }
 
     /// Records shipped from memory before they reached the file, then a
@@ -1472,6 +1497,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (j, _) = Journal::open(dir.path(), cfg(1 << 30, 1 << 20)).unwrap();
         j.append(RecordKind::Write, false, 0, 10, &[1; 10]).unwrap();
+        j.sync_all().unwrap();
         j.hold_writes(true);
         for _ in 0..5 {
             j.append(RecordKind::Write, false, 0, 10, &[2; 10]).unwrap();

@@ -377,6 +377,7 @@ fn async_crash_with_staged_records_converges() {
     for i in 0..4u64 {
         w(&r.vol, &pattern(i as u8, 700), i * 3000);
     }
+    j.sync_all().unwrap();
     j.hold_writes(true);
     for i in 4..10u64 {
         w(&r.vol, &pattern(i as u8 + 100, 700), i * 3000);
