@@ -857,6 +857,8 @@ impl Journal {
                 Ok(()) => {}
                 Err(e) => {
                     // Nothing after the hole may reach the file: stop here.
+                    // (Records of an older epoch were dropped by `drain`:
+                    // their loss is already accounted for.)
                     if current {
                         g.write_error = Some(e.to_string());
                     }
@@ -866,7 +868,7 @@ impl Journal {
                     if waiters {
                         self.written.notify_all();
                     }
-                    return Err(e.into());
+                    return if current { Err(e.into()) } else { Ok(()) };
                 }
             }
             // Reuse the batch's allocation for the next round.
