@@ -26,6 +26,7 @@ fn journal_append(c: &mut Criterion) {
             cap: u64::MAX,
             segment_size: 64 << 20,
             throttle_timeout: Duration::from_secs(1),
+            ..JournalConfig::default()
         };
         let (j, _) = Journal::open(dir.path(), cfg).unwrap();
         let mut off = 0u64;

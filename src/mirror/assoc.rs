@@ -4,7 +4,7 @@
 //! shipper thread.
 //!
 //! The association decides, for every host write on its source, what has
-//! to happen on the replica side (`Plan`): mirror it in parallel (Sync),
+//! to happen on the replica side (`Plan`): mirror it (Sync, on the host's thread),
 //! journal it (Async), only remember the region as out of sync (Broken,
 //! Fractured, Idle, point-in-time copies), or nothing. Before that it
 //! performs *copy-before-write* for regions a copy task has not reached:
@@ -138,7 +138,8 @@ pub struct MirrorPolicy {
     /// write that hit the replica error), instead of tracking them.
     pub fail_host_io_on_replica_error: bool,
     pub journal: JournalConfig,
-    /// Threads per Sync association issuing replica I/O.
+    /// Threads per Sync association issuing replica flushes (mirrored
+    /// writes run on the host's thread).
     pub replica_threads: usize,
     /// The shipper flushes the replica and checkpoints the journal after
     /// this many applied bytes …
@@ -187,12 +188,11 @@ struct Inner {
     when_synced: Option<SystemTime>,
 }
 
-/// Replica I/O issued by the per-association worker threads.
+/// Replica I/O issued by the per-association worker threads: only flushes
+/// (a host flush runs the replica's `fdatasync` in parallel with the
+/// primary's). Mirrored writes run on the host's thread (`MirroredVolume`).
 #[derive(Debug)]
 enum ReplicaOp {
-    Write(Arc<Vec<u8>>, u64, WriteFlags),
-    Zeroes(u64, u64, WriteFlags),
-    Discard(u64, u64),
     Flush,
 }
 
@@ -215,9 +215,6 @@ impl ReplicaIo {
                     .spawn(move || {
                         for (op, reply) in rx {
                             let r = match op {
-                                ReplicaOp::Write(data, off, fl) => dev.write_at(&data, off, fl),
-                                ReplicaOp::Zeroes(off, len, fl) => dev.write_zeroes(off, len, fl),
-                                ReplicaOp::Discard(off, len) => dev.discard(off, len),
                                 ReplicaOp::Flush => dev.flush(),
                             };
                             let _ = reply.send(r);
@@ -265,7 +262,8 @@ impl Drop for ReplicaIo {
 /// What a host write must do for one association (after copy-before-write).
 #[derive(Debug)]
 pub(crate) enum Plan {
-    /// Issue the same operation on the replica in parallel.
+    /// Issue the same operation on the replica (the caller does, after the
+    /// primary operation).
     Mirror,
     /// Append a journal record before the primary write.
     Journal(Arc<Journal>),
@@ -673,7 +671,7 @@ impl Association {
         self.locked().when_synced
     }
 
-    fn journal(&self) -> Option<Arc<Journal>> {
+    pub(crate) fn journal(&self) -> Option<Arc<Journal>> {
         self.locked().journal.clone()
     }
 
@@ -889,22 +887,6 @@ impl Association {
             }
         };
         Ok(plan)
-    }
-
-    /// Issue a mirrored operation on the replica threads.
-    pub(crate) fn submit_write(
-        &self,
-        data: Arc<Vec<u8>>,
-        offset: u64,
-        flags: WriteFlags,
-    ) -> ReplicaReply {
-        self.io.submit(ReplicaOp::Write(data, offset, flags))
-    }
-    pub(crate) fn submit_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> ReplicaReply {
-        self.io.submit(ReplicaOp::Zeroes(offset, len, flags))
-    }
-    pub(crate) fn submit_discard(&self, offset: u64, len: u64) -> ReplicaReply {
-        self.io.submit(ReplicaOp::Discard(offset, len))
     }
 
     /// A mirrored write failed on the replica: Broken, region tracked.
@@ -1513,9 +1495,14 @@ impl Association {
     /// Round part 2 (after the primary was flushed): flush the replica /
     /// sync the journal, then clear the marks that are no longer needed.
     pub(crate) fn housekeep_finish(&self, keep_before: Bitmap, primary_flushed: bool) {
-        let (follows, journal, copy_type) = {
+        let (follows, journal, copy_type, copying) = {
             let g = self.locked();
-            (g.state.follows(), g.journal.clone(), g.copy_type)
+            (
+                g.state.follows(),
+                g.journal.clone(),
+                g.copy_type,
+                g.copy.is_some(),
+            )
         };
         if !primary_flushed {
             return;
@@ -1526,7 +1513,13 @@ impl Association {
                 return;
             }
         }
-        let replica_needed = follows && copy_type != CopyType::UnSyncUnAssoc;
+        // An Async replica only receives journal records, and the shipper
+        // flushes it before it records them applied: the synced journal
+        // covers every write of the round. A copy task writes the replica
+        // directly, so while one runs the replica is flushed here too.
+        let replica_needed = follows
+            && copy_type != CopyType::UnSyncUnAssoc
+            && (copy_type != CopyType::Async || copying);
         if replica_needed {
             if let Err(e) = self.replica.flush() {
                 self.flush_failed(&e.to_string());
@@ -1538,6 +1531,11 @@ impl Association {
         let desired = {
             let mut g = self.locked();
             if !Self::tracks(&g) {
+                return;
+            }
+            if !replica_needed && g.copy.as_ref().is_some_and(|c| !c.kind.to_primary()) {
+                // A copy to the replica started after the flush decision:
+                // regions it copied are not flushed there yet. Next round.
                 return;
             }
             let mut keep = keep_before;
@@ -1597,14 +1595,23 @@ impl Association {
     }
 }
 
+/// Records the shipper takes per wake-up (it marks them applied together).
+const SHIP_BATCH_RECORDS: usize = 64;
+/// … and bytes: space is freed for throttled writers at least this often.
+const SHIP_BATCH_BYTES: u64 = 4 << 20;
+
 fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
     let mut unflushed_bytes = 0u64;
     let mut unflushed_records = 0u64;
     let mut last_ckpt = Instant::now();
     loop {
-        let next = journal.next_pending(Duration::from_millis(100));
+        let batch = journal.next_batch(
+            Duration::from_millis(100),
+            SHIP_BATCH_RECORDS,
+            SHIP_BATCH_BYTES,
+        );
         let Some(a) = me.upgrade() else { return };
-        if a.stopping.load(Ordering::SeqCst) && next.is_none() && a.shipper_may_exit(&journal) {
+        if a.stopping.load(Ordering::SeqCst) && batch.is_empty() && a.shipper_may_exit(&journal) {
             return;
         }
         let checkpoint = |a: &Association, records: &mut u64, bytes: &mut u64| -> bool {
@@ -1622,7 +1629,7 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             *bytes = 0;
             true
         };
-        let Some(p) = next else {
+        if batch.is_empty() {
             if !journal.is_shipping() {
                 // Stopped: leave the journal as it is for the next start.
                 let _ = checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes);
@@ -1639,50 +1646,80 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             }
             last_ckpt = Instant::now();
             continue;
-        };
-        let flags = WriteFlags { fua: p.fua };
-        let res: Result<(), String> = match p.kind {
-            RecordKind::Write => match journal.read_data(&p) {
-                Ok(d) => a
-                    .replica
-                    .write_at(&d, p.offset, flags)
-                    .map_err(|e| format!("replica I/O error: {e}")),
-                Err(JournalError::Gone) => continue,
-                Err(e) => Err(format!("journal read failed: {e}")),
-            },
-            RecordKind::Flush => a
-                .replica
-                .flush()
-                .map_err(|e| format!("replica flush failed: {e}")),
-            RecordKind::WriteZeroes => a
-                .replica
-                .write_zeroes(p.offset, p.length, flags)
-                .map_err(|e| format!("replica I/O error: {e}")),
-            RecordKind::Discard => a
-                .replica
-                .discard(p.offset, p.length)
-                .map_err(|e| format!("replica I/O error: {e}")),
-        };
-        if let Err(why) = res {
-            a.fail(why);
-            if a.shipper_may_exit(&journal) {
-                return;
-            }
-            continue;
         }
-        journal.mark_applied(p.seq);
-        unflushed_records += 1;
-        unflushed_bytes += p.length;
-        let due = p.kind == RecordKind::Flush
-            || unflushed_bytes >= a.policy.checkpoint_bytes
-            || last_ckpt.elapsed() >= a.policy.checkpoint_interval;
-        if due {
-            if !checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes)
-                && a.shipper_may_exit(&journal)
-            {
-                return;
+        // Applied but not yet marked (marked once per batch, or before a
+        // checkpoint, which records the applied position).
+        let mut unmarked: Option<u64> = None;
+        let mut exit = false;
+        for p in &batch {
+            let flags = WriteFlags { fua: p.fua };
+            let res: Result<(), String> = match p.kind {
+                RecordKind::Write => {
+                    let from_file;
+                    let data = match p.mem_data() {
+                        Some(d) => Ok(d),
+                        None => match journal.read_file_data(p) {
+                            Ok(d) => {
+                                from_file = d;
+                                Ok(from_file.as_slice())
+                            }
+                            Err(e) => Err(e),
+                        },
+                    };
+                    match data {
+                        Ok(d) => a
+                            .replica
+                            .write_at(d, p.offset, flags)
+                            .map_err(|e| format!("replica I/O error: {e}")),
+                        // Drained meanwhile: the rest of the batch is gone too.
+                        Err(JournalError::Gone) => break,
+                        Err(e) => Err(format!("journal read failed: {e}")),
+                    }
+                }
+                RecordKind::Flush => a
+                    .replica
+                    .flush()
+                    .map_err(|e| format!("replica flush failed: {e}")),
+                RecordKind::WriteZeroes => a
+                    .replica
+                    .write_zeroes(p.offset, p.length, flags)
+                    .map_err(|e| format!("replica I/O error: {e}")),
+                RecordKind::Discard => a
+                    .replica
+                    .discard(p.offset, p.length)
+                    .map_err(|e| format!("replica I/O error: {e}")),
+            };
+            if let Err(why) = res {
+                if let Some(seq) = unmarked.take() {
+                    journal.mark_applied(seq);
+                }
+                a.fail(why);
+                exit = a.shipper_may_exit(&journal);
+                unmarked = None;
+                break;
             }
-            last_ckpt = Instant::now();
+            unmarked = Some(p.seq);
+            unflushed_records += 1;
+            unflushed_bytes += p.length;
+            let due = p.kind == RecordKind::Flush
+                || unflushed_bytes >= a.policy.checkpoint_bytes
+                || last_ckpt.elapsed() >= a.policy.checkpoint_interval;
+            if due {
+                if let Some(seq) = unmarked.take() {
+                    journal.mark_applied(seq);
+                }
+                if !checkpoint(&a, &mut unflushed_records, &mut unflushed_bytes) {
+                    exit = a.shipper_may_exit(&journal);
+                    break;
+                }
+                last_ckpt = Instant::now();
+            }
+        }
+        if let Some(seq) = unmarked {
+            journal.mark_applied(seq);
+        }
+        if exit {
+            return;
         }
     }
 }
