@@ -311,14 +311,13 @@ fn async_full_journal_throttles_then_breaks_and_resync_repairs() {
     assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
 }
 
-#[test]
-fn async_crash_replays_journal_and_resyncs_in_flight_regions() {
-    let r = rig(32 * RS);
-    // The first incarnation ships through a gate that never opens: its
-    // journal is all that carries the writes over the "crash".
+/// An Async association, initial copy done and the activity log clean,
+/// whose shipper is stuck behind a closed gate: only its journal carries
+/// later writes.
+fn async_behind_closed_gate(r: &Rig) -> Arc<Association> {
     let stuck = Arc::new(FaultDev::new(r.replica_mem.clone()));
     let a =
-        Association::create(setup_with(&r, 1, CopyType::Async, policy(), stuck.clone())).unwrap();
+        Association::create(setup_with(r, 1, CopyType::Async, policy(), stuck.clone())).unwrap();
     let q = r.vol.quiesce(Duration::from_secs(1)).unwrap();
     r.vol.add_association(&q, a.clone());
     drop(q);
@@ -326,23 +325,38 @@ fn async_crash_replays_journal_and_resyncs_in_flight_regions() {
     r.vol.housekeep();
     r.vol.housekeep();
     stuck.set_gate(true);
-    for i in 0..10u64 {
-        w(&r.vol, &pattern(i as u8, 700), i * 3000);
-    }
-    assert!(a.lag().unwrap().records >= 9);
-    // "Crash": nothing is cleaned up, the old threads are abandoned.
+    a
+}
+
+/// "Crash" association 1 (detach it without any cleanup, abandoning its
+/// threads) and reopen it from its state directory as a restart would.
+fn crash_and_reopen(r: &Rig, a: Arc<Association>) -> (Arc<Association>, ResumeAction) {
     let q = r.vol.quiesce(Duration::from_secs(1)).unwrap();
     r.vol.remove_association(&q, 1);
     drop(q);
     drop(a);
-    let (b, action) = Association::reopen(
-        setup(&r, 1, CopyType::Async, policy()),
+    Association::reopen(
+        setup(r, 1, CopyType::Async, policy()),
         SyncState::Synchronized,
         None,
         None,
         None,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn async_crash_replays_journal_and_resyncs_in_flight_regions() {
+    let r = rig(32 * RS);
+    // The first incarnation ships through a gate that never opens: its
+    // journal is all that carries the writes over the "crash".
+    let a = async_behind_closed_gate(&r);
+    for i in 0..10u64 {
+        w(&r.vol, &pattern(i as u8, 700), i * 3000);
+    }
+    assert!(a.lag().unwrap().records >= 9);
+    // "Crash": nothing is cleaned up, the old threads are abandoned.
+    let (b, action) = crash_and_reopen(&r, a);
     assert_eq!(
         action,
         ResumeAction::Copy(CopyKind::Resync),
@@ -362,16 +376,7 @@ fn async_crash_replays_journal_and_resyncs_in_flight_regions() {
 #[test]
 fn async_crash_with_staged_records_converges() {
     let r = rig(32 * RS);
-    let stuck = Arc::new(FaultDev::new(r.replica_mem.clone()));
-    let a =
-        Association::create(setup_with(&r, 1, CopyType::Async, policy(), stuck.clone())).unwrap();
-    let q = r.vol.quiesce(Duration::from_secs(1)).unwrap();
-    r.vol.add_association(&q, a.clone());
-    drop(q);
-    run_copy(&a);
-    r.vol.housekeep();
-    r.vol.housekeep();
-    stuck.set_gate(true);
+    let a = async_behind_closed_gate(&r);
     let j = a.journal().unwrap();
     // Some records reach the file, later ones stay staged.
     for i in 0..4u64 {
@@ -384,19 +389,8 @@ fn async_crash_with_staged_records_converges() {
     }
     // The staged records include ones the shipper has not taken.
     assert!(j.staged_count() >= 6);
-    let q = r.vol.quiesce(Duration::from_secs(1)).unwrap();
-    r.vol.remove_association(&q, 1);
-    drop(q);
     drop(j);
-    drop(a);
-    let (b, action) = Association::reopen(
-        setup(&r, 1, CopyType::Async, policy()),
-        SyncState::Synchronized,
-        None,
-        None,
-        None,
-    )
-    .unwrap();
+    let (b, action) = crash_and_reopen(&r, a);
     assert_eq!(action, ResumeAction::Copy(CopyKind::Resync));
     let replayed = b.lag().unwrap().records;
     assert!(
