@@ -920,3 +920,74 @@ fn logout_releases_the_nexus_before_the_response() {
     drop(a);
     t.stop();
 }
+
+/// A full queue of pipelined commands: workers that finish while more jobs
+/// are queued leave their responses for a later `writev` (coalescing).
+/// Every command must still get exactly one status, in StatSN order, with
+/// its own data.
+#[test]
+fn pipelined_commands_each_get_one_status_when_responses_are_coalesced() {
+    let t = common::start(&[4 << 20]);
+    let mut ini = Initiator::login_ok(t.addr, ISID, 0, 0, &keys());
+    // Fast commands first, so the connection counts the device as fast
+    // (coalescing, like inline execution, only happens then).
+    for _ in 0..40 {
+        assert_eq!(ini.scsi(&read10(0, 8), 4096, true, &[]).status, 0);
+    }
+    const N: u32 = 32;
+    let mut stat_sns = Vec::new();
+    let mut collect = |ini: &mut Initiator, want: &mut std::collections::HashMap<u32, u32>| {
+        let mut data: std::collections::HashMap<u32, Vec<u8>> = Default::default();
+        while !want.is_empty() {
+            let p = ini.recv().expect("response");
+            let (itt, stat_sn) = match p.header {
+                Bhs::DataIn(d) => {
+                    data.entry(d.itt).or_default().extend_from_slice(&p.data);
+                    if !d.status_present {
+                        continue;
+                    }
+                    assert_eq!(d.status, 0);
+                    (d.itt, d.stat_sn)
+                }
+                Bhs::ScsiResponse(r) => {
+                    assert_eq!((r.status, r.response), (0, 0));
+                    (r.itt, r.stat_sn)
+                }
+                other => panic!("unexpected {other:?}"),
+            };
+            assert!(want.remove(&itt).is_some(), "one status per ITT {itt:#x}");
+            stat_sns.push(stat_sn);
+        }
+        data
+    };
+    let mut want = std::collections::HashMap::new();
+    for i in 0..N {
+        let c = ini.command(&write10(64 + i * 8, 8), 4096, false, true, true);
+        want.insert(c.itt, i);
+        ini.send_raw(&Pdu {
+            header: Bhs::ScsiCommand(c),
+            data: pattern(4096, i as u8),
+        });
+    }
+    collect(&mut ini, &mut want);
+    let mut lba_of = std::collections::HashMap::new();
+    for i in 0..N {
+        let c = ini.command(&read10(64 + i * 8, 8), 4096, true, false, true);
+        want.insert(c.itt, i);
+        lba_of.insert(c.itt, i);
+        ini.send_raw(&Pdu {
+            header: Bhs::ScsiCommand(c),
+            data: Vec::new(),
+        });
+    }
+    let data = collect(&mut ini, &mut want);
+    for (itt, i) in lba_of {
+        assert_eq!(data[&itt], pattern(4096, i as u8), "data of ITT {itt:#x}");
+    }
+    assert!(
+        stat_sns.windows(2).all(|w| w[1] == w[0].wrapping_add(1)),
+        "StatSN in wire order: {stat_sns:?}"
+    );
+    assert_eq!(ini.tur().status, 0);
+    t.stop();
+}
