@@ -199,6 +199,9 @@ pub struct DaemonConfig {
     /// A `tracing` filter directive used when `RUST_LOG` is unset.
     pub log_level: Option<String>,
     pub engine: Engine,
+    /// Large plain READs of file-backed LUNs are sent from the page cache
+    /// with `sendfile(2)` (no copy through a buffer). Default on.
+    pub zero_copy_read: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,6 +313,7 @@ struct RawDaemon {
     control_socket: Option<PathBuf>,
     log_level: Option<String>,
     engine: Option<String>,
+    zero_copy_read: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -828,6 +832,7 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
             control_socket,
             log_level: raw.daemon.log_level,
             engine,
+            zero_copy_read: raw.daemon.zero_copy_read.unwrap_or(true),
         },
         targets,
         tcmu,
