@@ -216,6 +216,8 @@ mod tests;
 #[cfg(test)]
 mod tests2;
 #[cfg(test)]
+mod tests_by_ref;
+#[cfg(test)]
 mod tests_sanitize;
 
 pub use lun_map::{LogicalUnit, LuConfig, LunMap};
