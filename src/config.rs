@@ -1669,6 +1669,20 @@ volume = "other"
     }
 
     #[test]
+    fn zero_copy_read_defaults_on_and_can_be_turned_off() {
+        assert!(parse(MIN).unwrap().daemon.zero_copy_read);
+        for (v, want) in [("true", true), ("false", false)] {
+            let c = parse(&format!("[daemon]\nzero_copy_read = {v}\n{MIN}")).unwrap();
+            assert_eq!(c.daemon.zero_copy_read, want);
+        }
+        rejects(
+            &format!("[daemon]\nzero_copy_read = \"off\"\n{MIN}"),
+            "daemon.zero_copy_read",
+            "",
+        );
+    }
+
+    #[test]
     fn daemon_section_validated() {
         rejects(
             &format!("[daemon]\nengine = \"fast\"\n{MIN}"),

@@ -96,7 +96,11 @@ fn large_simple_reads_go_by_reference_in_every_form() {
     read12[6..10].copy_from_slice(&min_blocks.to_be_bytes());
     let cases: Vec<(Vec<u8>, u64, u64)> = vec![
         (read6.to_vec(), 256, 256),
-        (read10(100, min_blocks as u16).to_vec(), 100, min_blocks.into()),
+        (
+            read10(100, min_blocks as u16).to_vec(),
+            100,
+            min_blocks.into(),
+        ),
         (read12.to_vec(), 7, min_blocks.into()),
         (cdb16(0x88, 0, 2048, 2048).to_vec(), 2048, 2048),
         // The last blocks of the LU.
@@ -138,7 +142,10 @@ fn everything_else_takes_the_buffer_path() {
     }
     // One block short of the threshold.
     let r = buffer(&read10(3, min_blocks - 1), TaskAttr::Simple, true);
-    assert_eq!(r.data_in, f.data[3 * 512..(3 + min_blocks as usize - 1) * 512]);
+    assert_eq!(
+        r.data_in,
+        f.data[3 * 512..(3 + min_blocks as usize - 1) * 512]
+    );
     // Zero blocks.
     assert!(buffer(&read10(5, 0), TaskAttr::Simple, true)
         .data_in
@@ -153,7 +160,13 @@ fn everything_else_takes_the_buffer_path() {
 fn checks_come_before_by_reference_data() {
     let f = file_lu();
     // Beyond the end: LBA OUT OF RANGE, no extent.
-    let r = run(&f.map, &f.n, &read10(4096 - 128, 256), TaskAttr::Simple, true);
+    let r = run(
+        &f.map,
+        &f.n,
+        &read10(4096 - 128, 256),
+        TaskAttr::Simple,
+        true,
+    );
     assert!(r.data_in_file.is_none());
     let (key, asc, ascq, _) = sense_of(&r);
     assert_eq!((key, asc, ascq), (0x05, 0x21, 0x00));
@@ -171,7 +184,13 @@ fn checks_come_before_by_reference_data() {
     let other = nexus("iqn.init-b");
     let r = run(&f.map, &other, &[0; 6], TaskAttr::Simple, false);
     assert_eq!(r.status, ScsiStatus::CheckCondition, "power-on UA");
-    let r = run(&f.map, &other, &[0x16, 0, 0, 0, 0, 0], TaskAttr::Simple, false);
+    let r = run(
+        &f.map,
+        &other,
+        &[0x16, 0, 0, 0, 0, 0],
+        TaskAttr::Simple,
+        false,
+    );
     assert_eq!(r.status, ScsiStatus::Good);
     let r = run(&f.map, &f.n, &read10(0, 2048), TaskAttr::Simple, true);
     assert_eq!(r.status, ScsiStatus::ReservationConflict);
