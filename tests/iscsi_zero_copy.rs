@@ -474,3 +474,81 @@ path = "{{tmp}}/lun0.img"
         d.stop();
     }
 }
+
+/// A device whose extents name a descriptor `sendfile` cannot read from
+/// (opened write-only): the read fails after the Data-In header went out.
+struct UnreadableExtent {
+    mem: lunmirror::block::mem::MemDev,
+    file: Arc<std::fs::File>,
+}
+
+impl lunmirror::block::BlockDev for UnreadableExtent {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lunmirror::block::BlockResult<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        flags: lunmirror::block::WriteFlags,
+    ) -> lunmirror::block::BlockResult<()> {
+        self.mem.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> lunmirror::block::BlockResult<()> {
+        Ok(())
+    }
+    fn caps(&self) -> lunmirror::block::BlockCaps {
+        lunmirror::block::BlockCaps::default()
+    }
+    fn file_extent(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> lunmirror::block::BlockResult<Option<lunmirror::block::FileExtent>> {
+        lunmirror::block::check_range(self.size(), offset, len)?;
+        Ok(Some(lunmirror::block::FileExtent {
+            file: self.file.clone(),
+            offset,
+            len,
+        }))
+    }
+}
+
+#[test]
+fn a_file_error_after_the_header_closes_the_connection_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wo.img");
+    std::fs::write(&path, vec![1u8; 4 * MIB as usize]).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let dev = UnreadableExtent {
+        mem: lunmirror::block::mem::MemDev::new(4 * MIB),
+        file: Arc::new(file),
+    };
+    let t = common::start_devs(
+        vec![Arc::new(dev) as SharedDev],
+        TargetLimits::default(),
+        ServerOptions::default(),
+    );
+    let mut ini = Initiator::login_ok(t.addr, ISID, 0, 0, &keys(&[]));
+    // Small reads take the buffer path and work.
+    let small = ini.scsi(&read16(0, 8), 4096, true, &[]);
+    assert_eq!((small.status, small.data.len()), (0, 4096));
+    let cmd = ini.command(&read16(0, 2048), MIB as u32, true, false, true);
+    ini.send_raw(&Pdu {
+        header: Bhs::ScsiCommand(cmd),
+        data: vec![],
+    });
+    assert!(
+        ini.closed_within(std::time::Duration::from_secs(20)),
+        "the connection must be closed, not left with a short Data-In"
+    );
+    assert_eq!(t.handle.data_in_sent_by_ref(), 0);
+    // The server goes on: a new session reads again.
+    let mut again = Initiator::login_ok(t.addr, [0x80, 0, 0, 0x5a, 0x5a, 9], 0, 0, &keys(&[]));
+    let small = again.scsi(&read16(0, 8), 4096, true, &[]);
+    assert_eq!(small.status, 0);
+    t.stop();
+}
