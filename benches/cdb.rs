@@ -71,6 +71,7 @@ fn execute(c: &mut Criterion) {
         data_out,
         expected_in_len,
         task_attr: TaskAttr::Simple,
+        data_in_by_ref: false,
     };
     let tur: &'static [u8] = &[0u8; 6];
     // The first commands of a new nexus report the power-on unit attention.

@@ -199,6 +199,9 @@ pub struct DaemonConfig {
     /// A `tracing` filter directive used when `RUST_LOG` is unset.
     pub log_level: Option<String>,
     pub engine: Engine,
+    /// Large plain READs of file-backed LUNs are sent from the page cache
+    /// with `sendfile(2)` (no copy through a buffer). Default on.
+    pub zero_copy_read: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,6 +313,7 @@ struct RawDaemon {
     control_socket: Option<PathBuf>,
     log_level: Option<String>,
     engine: Option<String>,
+    zero_copy_read: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -828,6 +832,7 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
             control_socket,
             log_level: raw.daemon.log_level,
             engine,
+            zero_copy_read: raw.daemon.zero_copy_read.unwrap_or(true),
         },
         targets,
         tcmu,
@@ -1661,6 +1666,20 @@ volume = "other"
             "{w:?}"
         );
         assert!(!format!("{:?}", c.targets[0].chap).contains("short"));
+    }
+
+    #[test]
+    fn zero_copy_read_defaults_on_and_can_be_turned_off() {
+        assert!(parse(MIN).unwrap().daemon.zero_copy_read);
+        for (v, want) in [("true", true), ("false", false)] {
+            let c = parse(&format!("[daemon]\nzero_copy_read = {v}\n{MIN}")).unwrap();
+            assert_eq!(c.daemon.zero_copy_read, want);
+        }
+        rejects(
+            &format!("[daemon]\nzero_copy_read = \"off\"\n{MIN}"),
+            "daemon.zero_copy_read",
+            "",
+        );
     }
 
     #[test]

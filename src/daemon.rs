@@ -32,7 +32,7 @@ use crate::config::{
 };
 use crate::control::ControlServer;
 use crate::iscsi::negotiate::TargetLimits;
-use crate::iscsi::{ChapCredentials, Server, TargetDef};
+use crate::iscsi::{ChapCredentials, Server, ServerOptions, TargetDef};
 use crate::mirror::MirroredVolume;
 use crate::registry::Registry;
 use crate::scsi::{LogicalUnit, LuConfig, LunMap};
@@ -604,7 +604,15 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
-    let result = run_frontends(targets, listeners, signals, || {
+    let opts = ServerOptions {
+        zero_copy_read: cfg.daemon.zero_copy_read,
+        ..ServerOptions::default()
+    };
+    info!(
+        zero_copy_read = opts.zero_copy_read,
+        "large READs of file-backed LUNs are sent with sendfile when zero_copy_read is on"
+    );
+    let result = run_frontends(targets, listeners, opts, signals, || {
         for a in &addrs {
             info!("listening on {a}");
             writeln!(out, "lunmirror: listening on {a}")?;
@@ -838,10 +846,11 @@ fn engine_kind(e: Engine) -> EngineKind {
 fn run_frontends(
     targets: Vec<Arc<TargetDef>>,
     listeners: Listeners,
+    opts: ServerOptions,
     signals: SigSet,
     ready: impl FnOnce() -> io::Result<()>,
 ) -> Result<(), DaemonError> {
-    let server = Server::new(targets, listeners.sockets, TargetLimits::default());
+    let server = Server::with_options(targets, listeners.sockets, TargetLimits::default(), opts);
     let handle = server.handle();
     let stop: Vec<StopFn> = vec![Box::new(move || handle.shutdown())];
     spawn_signal_thread(signals, stop)

@@ -39,12 +39,15 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::unistd::{lseek, Whence};
 
-use super::{check_range, BatchOp, BlockCaps, BlockDev, BlockError, BlockResult, WriteFlags};
+use super::{
+    check_range, BatchOp, BlockCaps, BlockDev, BlockError, BlockResult, FileExtent, WriteFlags,
+};
 use sync::SyncFiles;
 use uring::{UringEngine, RING_ENTRIES};
 
@@ -138,7 +141,9 @@ struct Slot {
 #[derive(Debug)]
 pub struct FileDev {
     engine: Engine,
-    file: File,
+    /// Shared with the [`FileExtent`]s handed out, which may outlive the
+    /// device.
+    file: Arc<File>,
     /// The same open file with `O_DSYNC`, for FUA writes on the sync path.
     dsync: Option<File>,
     path: PathBuf,
@@ -256,7 +261,7 @@ impl FileDev {
 
         Ok(FileDev {
             engine,
-            file,
+            file: Arc::new(file),
             dsync,
             path: path.to_owned(),
             size,
@@ -399,6 +404,24 @@ impl BlockDev for FileDev {
             return Ok(());
         }
         self.run_one(BatchOp::Read { buf, offset })
+    }
+
+    /// Buffered regular files only: the range is the same range of the
+    /// file (bytes past a short file's end read as zeroes, as `read_at`
+    /// gives them). `O_DIRECT` files bypass the page cache that
+    /// `sendfile` reads from (and a caller may rely on the direct path);
+    /// block devices would work with `sendfile` too but are left on the
+    /// buffer path until they are measured and tested.
+    fn file_extent(&self, offset: u64, len: u64) -> BlockResult<Option<FileExtent>> {
+        check_range(self.size, offset, len)?;
+        if self.direct || self.backing != Backing::File || len == 0 {
+            return Ok(None);
+        }
+        Ok(Some(FileExtent {
+            file: self.file.clone(),
+            offset,
+            len,
+        }))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> BlockResult<()> {

@@ -70,4 +70,11 @@ mod tests {
             .write_at(&buf, u64::MAX - 1, WriteFlags::default())
             .is_err());
     }
+
+    #[test]
+    fn memory_has_no_file_extent_but_checks_the_range() {
+        let dev = MemDev::new(128 * 1024);
+        assert!(dev.file_extent(0, 128 * 1024).unwrap().is_none());
+        assert!(dev.file_extent(4096, 128 * 1024).is_err());
+    }
 }

@@ -2,6 +2,7 @@
 //! layer) sees — byte ranges, flush and FUA, nothing SCSI — and the file
 //! backstore with its two I/O engines (io_uring and plain pread/pwrite).
 
+use std::fs::File;
 use std::sync::Arc;
 
 pub mod bufpool;
@@ -62,6 +63,32 @@ pub struct BlockCaps {
     pub read_only: bool,
 }
 
+/// Where the bytes of a device range live in an open file: what
+/// [`BlockDev::read_at`] of that range would return is the file's bytes at
+/// `offset..offset + len`, with bytes past the file's end reading as zeroes
+/// (a backing file shorter than the device). A frontend can move them into
+/// a socket with `sendfile(2)` without copying them through a buffer.
+///
+/// The handle is shared with the device: the file stays open as long as an
+/// extent of it is alive, even if the device is closed meanwhile.
+#[derive(Debug, Clone)]
+pub struct FileExtent {
+    /// The device's open file (buffered, not `O_DIRECT`).
+    pub file: Arc<File>,
+    /// Byte offset of the range in the file.
+    pub offset: u64,
+    /// Length of the range in bytes.
+    pub len: u64,
+}
+
+impl PartialEq for FileExtent {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.file, &other.file) && self.offset == other.offset && self.len == other.len
+    }
+}
+
+impl Eq for FileExtent {}
+
 /// A byte-addressed block device. Implementations must be safe to call from
 /// many threads at once; ordering between overlapping concurrent writes is
 /// the caller's business (as on a disk).
@@ -107,6 +134,17 @@ pub trait BlockDev: Send + Sync {
     fn allocation(&self, offset: u64, len: u64) -> BlockResult<(bool, u64)> {
         check_range(self.size(), offset, len)?;
         Ok((true, len))
+    }
+
+    /// The open file and offset that hold the bytes of `offset..offset +
+    /// len` unchanged (see [`FileExtent`]), for a caller that wants to send
+    /// them without reading them into a buffer. The range is checked as
+    /// [`BlockDev::read_at`] checks it. `Ok(None)` means the device cannot
+    /// name such a file range (memory devices, `O_DIRECT` files, layers that
+    /// transform or redirect reads): use `read_at`. Default: `Ok(None)`.
+    fn file_extent(&self, offset: u64, len: u64) -> BlockResult<Option<FileExtent>> {
+        check_range(self.size(), offset, len)?;
+        Ok(None)
     }
 
     /// Run several reads/writes as one batch; one result per op, in order.

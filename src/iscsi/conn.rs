@@ -10,18 +10,28 @@
 //! the queue idle becomes the writer and drains it with vectored writes,
 //! so small responses are batched and large Data-In go out without a copy.
 //!
+//! Large plain READs of file-backed LUNs go out without a copy in this
+//! process: their Data-In PDUs carry a range of the backing file
+//! ([`OutData::File`]) that the writer sends with `sendfile(2)` between the
+//! PDU's header and its padding (see `Conn::write_batch`).
+//!
 //! Lock order: session state, then the output queue. Socket writes happen
 //! with neither held.
 
+use std::fs::File;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
 
 use super::digest::{self, Crc32c};
 use super::discovery::{TextContext, TextExchange, TextPdu, TextStep};
@@ -59,15 +69,51 @@ pub enum OutData {
     Owned(Vec<u8>),
     /// A range of a buffer shared by several Data-In PDUs.
     Shared(Arc<Vec<u8>>, usize, usize),
+    /// `len` bytes of a backing file at `offset`, sent with `sendfile(2)`
+    /// (bytes past the file's end are sent as zeroes). Never used with a
+    /// data digest (that needs the bytes here).
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: usize,
+    },
 }
 
 impl OutData {
+    /// The bytes of an in-memory segment (empty for `File`).
     fn bytes(&self) -> &[u8] {
         match self {
-            OutData::Empty => &[],
+            OutData::Empty | OutData::File { .. } => &[],
             OutData::Owned(v) => v,
             OutData::Shared(v, s, l) => v.get(*s..s.saturating_add(*l)).unwrap_or(&[]),
         }
+    }
+
+    /// Length of the data segment.
+    fn len(&self) -> usize {
+        match self {
+            OutData::File { len, .. } => *len,
+            other => other.bytes().len(),
+        }
+    }
+
+    /// A `File` segment read into memory (zeroes past the file's end), for
+    /// a connection that must digest it; other segments as they are.
+    fn into_memory(self) -> io::Result<OutData> {
+        let OutData::File { file, offset, len } = self else {
+            return Ok(self);
+        };
+        let mut buf = vec![0u8; len];
+        let mut done = 0usize;
+        while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
+            match file.read_at(rest, offset.saturating_add(done as u64)) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(OutData::Owned(buf))
     }
 }
 
@@ -82,7 +128,7 @@ pub struct OutPdu {
 
 impl OutPdu {
     pub fn new(h: &Bhs, stat: StatSn, data: OutData) -> Self {
-        let len = data.bytes().len() as u32;
+        let len = data.len() as u32;
         OutPdu {
             hdr: h.encode(len),
             stat,
@@ -165,6 +211,8 @@ pub struct Conn {
     /// SCSI commands in a row that executed in under `INLINE_SLOW`; the
     /// reader runs commands itself only after `INLINE_AFTER_FAST` of them.
     fast_streak: AtomicU32,
+    /// Data-In bytes sent from backing files with `sendfile`.
+    sent_by_ref: AtomicU64,
 }
 
 impl std::fmt::Debug for Conn {
@@ -236,7 +284,13 @@ impl Conn {
             std::mem::swap(&mut batch, &mut q.pending);
             q.pending_since = None;
             drop(q);
-            let res = self.write_batch(&batch);
+            let res = if self.params.data_digest {
+                // `run_job` never sends by reference on such a connection;
+                // should a `File` segment get here, digest its bytes.
+                materialize(&mut batch).and_then(|()| self.write_batch(&batch))
+            } else {
+                self.write_batch(&batch)
+            };
             recycle(&mut batch);
             q = self.lock_out();
             if let Err(e) = res {
@@ -278,6 +332,23 @@ impl Conn {
         }
     }
 
+    /// Write a batch of PDUs in order: runs of in-memory PDUs with one
+    /// `writev` each, file data with `sendfile`.
+    ///
+    /// A PDU whose data is a [`OutData::File`] range goes out as: everything
+    /// gathered before it plus its BHS (and header digest) in one `sendmsg`
+    /// with `MSG_MORE`, so the kernel holds the header back for the data
+    /// instead of pushing a 48-byte segment; then the range with
+    /// `sendfile(2)` (its last chunk clears MORE and pushes); then the
+    /// padding, which starts the next gathered run. `sendfile` rather than
+    /// `splice` through a pipe: one system call per segment instead of two
+    /// plus a pipe per writer, and the same page references end up in the
+    /// socket either way. The price is that a read error of the file comes
+    /// after the header is on the wire, where it can no longer become a
+    /// CHECK CONDITION: the connection is closed (the initiator recovers by
+    /// retrying on a new one). Errors are rare there: the range was checked
+    /// and the file is open; what is left is a failing disk under a page
+    /// that is not cached.
     fn write_batch(&self, batch: &[OutPdu]) -> io::Result<()> {
         let hd = self.params.header_digest;
         let dd = self.params.data_digest;
@@ -308,6 +379,33 @@ impl Conn {
             if hd {
                 slices.push(IoSlice::new(h));
             }
+            if let OutData::File { file, offset, len } = &p.data {
+                write_all_vectored(&self.stream, &slices, true)?;
+                slices.clear();
+                if let Err(e) = send_file(&self.stream, file, *offset, *len) {
+                    if socket_side(&e) {
+                        tracing::debug!(conn = self.id, "sendfile to the peer failed: {e}");
+                    } else {
+                        tracing::error!(
+                            conn = self.id,
+                            offset,
+                            len,
+                            "sending Data-In from the backing file failed after its header \
+                             was sent: {e}; closing the connection (the initiator retries)"
+                        );
+                    }
+                    return Err(e);
+                }
+                self.sent_by_ref.fetch_add(*len as u64, Ordering::Relaxed);
+                self.shared
+                    .sent_by_ref
+                    .fetch_add(*len as u64, Ordering::Relaxed);
+                let pad = pad_len(*len);
+                if pad > 0 {
+                    slices.push(IoSlice::new(&ZEROS[..pad]));
+                }
+                continue;
+            }
             let data = p.data.bytes();
             if !data.is_empty() {
                 slices.push(IoSlice::new(data));
@@ -320,7 +418,7 @@ impl Conn {
                 }
             }
         }
-        write_all_vectored(&self.stream, &slices)
+        write_all_vectored(&self.stream, &slices, false)
     }
 
     /// Close the socket; the reader sees EOF and tears the connection down.
@@ -463,14 +561,72 @@ fn recycle(batch: &mut Vec<OutPdu>) {
                     pool.give(v);
                 }
             }
-            OutData::Empty => {}
+            OutData::Empty | OutData::File { .. } => {}
         }
     }
 }
 
-/// `write_all` over many slices, resuming after partial writes.
-fn write_all_vectored(mut w: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<()> {
+/// Read every `File` segment of a batch into memory.
+fn materialize(batch: &mut [OutPdu]) -> io::Result<()> {
+    for p in batch.iter_mut() {
+        if matches!(p.data, OutData::File { .. }) {
+            p.data = std::mem::replace(&mut p.data, OutData::Empty).into_memory()?;
+        }
+    }
+    Ok(())
+}
+
+/// Zeroes sent in place of file bytes past the end of a short file.
+static ZERO_FILL: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Send `len` bytes of `file` at `offset` to the socket with `sendfile(2)`;
+/// the file ending early (a backing file shorter than the LUN, or one
+/// truncated meanwhile) is made up with zeroes, so exactly `len` bytes go
+/// out, as the Data-In header announced.
+fn send_file(stream: &TcpStream, file: &File, offset: u64, len: usize) -> io::Result<()> {
+    let mut off = libc::off64_t::try_from(offset)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let mut left = len;
+    while left > 0 {
+        match nix::sys::sendfile::sendfile64(stream, file, Some(&mut off), left) {
+            Ok(0) => break,
+            // `off` was advanced by the kernel.
+            Ok(n) => left = left.saturating_sub(n),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    while left > 0 {
+        let n = left.min(ZERO_FILL.len());
+        let chunk = ZERO_FILL.get(..n).unwrap_or_default();
+        write_all_vectored(stream, &[IoSlice::new(chunk)], false)?;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Whether a failed `sendfile` failed on the socket's side (the peer went
+/// away or stopped reading) rather than reading the file.
+fn socket_side(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EPIPE
+                | libc::ECONNRESET
+                | libc::ENOTCONN
+                | libc::ESHUTDOWN
+                | libc::ETIMEDOUT
+                | libc::EAGAIN
+        )
+    )
+}
+
+/// `write_all` over many slices, resuming after partial writes. With
+/// `more`, the data is sent with `MSG_MORE`: more follows at once, so the
+/// kernel need not push a partial segment.
+fn write_all_vectored(mut w: &TcpStream, slices: &[IoSlice<'_>], more: bool) -> io::Result<()> {
     const MAX_IOV: usize = 512;
+    let more_flags = MsgFlags::from_bits_retain(libc::MSG_MORE) | MsgFlags::MSG_NOSIGNAL;
     let mut idx = 0;
     let mut off = 0;
     let mut window: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOV.min(slices.len()));
@@ -484,7 +640,13 @@ fn write_all_vectored(mut w: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<(
                 b
             }));
         }
-        let mut n = match w.write_vectored(&window) {
+        let res = if more {
+            nix::sys::socket::sendmsg::<()>(w.as_raw_fd(), &window, &[], more_flags, None)
+                .map_err(io::Error::from)
+        } else {
+            w.write_vectored(&window)
+        };
+        let mut n = match res {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -553,7 +715,13 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         }
         Err(e) => End::Io(e),
     };
-    tracing::debug!(%peer, tsih = conn.session.tsih, cid = conn.cid, "connection ends: {end}");
+    tracing::debug!(
+        %peer,
+        tsih = conn.session.tsih,
+        cid = conn.cid,
+        sent_by_ref = conn.sent_by_ref.load(Ordering::Relaxed),
+        "connection ends: {end}"
+    );
     teardown(&conn, &end);
 }
 
@@ -810,6 +978,7 @@ fn attach(
         local,
         max_xmit: AtomicU32::new(params.max_xmit),
         fast_streak: AtomicU32::new(0),
+        sent_by_ref: AtomicU64::new(0),
     });
     {
         let mut st = session.lock();
@@ -1362,6 +1531,12 @@ impl FfpReader {
             local,
         });
 
+        if matches!(
+            c.attr,
+            TaskAttribute::Ordered | TaskAttribute::HeadOfQueue | TaskAttribute::Aca
+        ) {
+            session.ordered_seen.store(true, Ordering::Relaxed);
+        }
         let mut acts = Actions::default();
         {
             let mut st = session.lock();
@@ -2008,11 +2183,21 @@ fn task_attr(a: TaskAttribute) -> TaskAttr {
 }
 
 fn check_condition(key: u8, asc: u8, ascq: u8) -> ScsiResponse {
-    ScsiResponse {
-        status: ScsiStatus::CheckCondition,
-        sense: fixed_sense(key, asc, ascq),
-        data_in: Vec::new(),
-    }
+    ScsiResponse::with_sense(ScsiStatus::CheckCondition, fixed_sense(key, asc, ascq))
+}
+
+/// Whether a command may take its data-in by reference (`OutData::File`,
+/// sent with `sendfile`): the option is on, no data digest (that needs the
+/// bytes in memory; a header digest only covers the BHS), a read that is
+/// not bidirectional, and no ORDERED or HEAD OF QUEUE task seen on the
+/// session (see `Session::ordered_seen`). The SCSI core decides the rest
+/// (plain READ, SIMPLE, large enough, a file-backed device).
+fn data_in_by_ref(conn: &Conn, job: &ScsiJob) -> bool {
+    conn.shared.opts.zero_copy_read
+        && !conn.params.data_digest
+        && job.read
+        && !job.write
+        && !conn.session.ordered_seen.load(Ordering::Relaxed)
 }
 
 /// Execute one command and queue its response.
@@ -2022,11 +2207,9 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
     let mut residual = Residual::default();
     let mut target_failure = false;
     let resp = match (job.local, session.target(), session.nexus()) {
-        (Some(LocalAnswer::TaskSetFull), _, _) => ScsiResponse {
-            status: ScsiStatus::TaskSetFull,
-            sense: Vec::new(),
-            data_in: Vec::new(),
-        },
+        (Some(LocalAnswer::TaskSetFull), _, _) => {
+            ScsiResponse::with_sense(ScsiStatus::TaskSetFull, Vec::new())
+        }
         (Some(LocalAnswer::InvalidFieldInCdb), _, _) | (None, None, _) | (None, _, None) => {
             check_condition(session::SENSE_ILLEGAL_REQUEST, 0x24, 0)
         }
@@ -2069,6 +2252,7 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
                     data_out: &job.data,
                     expected_in_len: edtl,
                     task_attr: task_attr(job.attr),
+                    data_in_by_ref: data_in_by_ref(conn, &job),
                 };
                 let started = Instant::now();
                 let r = catch_unwind(AssertUnwindSafe(|| target.luns.execute(&req)));
@@ -2087,11 +2271,7 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
                             job.cdb
                         );
                         target_failure = true;
-                        ScsiResponse {
-                            status: ScsiStatus::CheckCondition,
-                            sense: Vec::new(),
-                            data_in: Vec::new(),
-                        }
+                        ScsiResponse::with_sense(ScsiStatus::CheckCondition, Vec::new())
                     }
                 }
             }
@@ -2102,7 +2282,8 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
     job.charge = None;
 
     let mut pdus: Vec<OutPdu> = Vec::new();
-    let produced = resp.data_in.len();
+    // At most MAX_XFER_BYTES (the core's limit), so it fits in usize.
+    let produced = usize::try_from(resp.data_in_len()).unwrap_or(usize::MAX);
     if !job.write {
         residual = Residual::of(edtl, produced as u64);
     }
@@ -2123,8 +2304,9 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
         .collect();
         data_in_count = plan.len() as u32;
         let mut data_in = resp.data_in;
+        let file = resp.data_in_file;
         let single = plan.len() == 1;
-        let shared = if single {
+        let shared = if single || file.is_some() {
             None
         } else {
             Some(Arc::new(std::mem::take(&mut data_in)))
@@ -2148,9 +2330,15 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
                 buffer_offset: p.offset,
                 residual: if last_with_status { residual.count } else { 0 },
             });
-            let data = match &shared {
-                Some(a) => OutData::Shared(a.clone(), p.offset as usize, p.len as usize),
-                None => {
+            let data = match (&file, &shared) {
+                // The plan covers `send_len` <= the extent's length.
+                (Some(f), _) => OutData::File {
+                    file: f.file.clone(),
+                    offset: f.offset.saturating_add(u64::from(p.offset)),
+                    len: p.len as usize,
+                },
+                (None, Some(a)) => OutData::Shared(a.clone(), p.offset as usize, p.len as usize),
+                (None, None) => {
                     data_in.truncate(send_len);
                     OutData::Owned(std::mem::take(&mut data_in))
                 }

@@ -54,6 +54,11 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Target portal group tag of our one portal group.
     pub target_portal_group_tag: u16,
+    /// Send the data of large plain READs of file-backed LUNs straight
+    /// from the page cache with `sendfile(2)` instead of reading it into
+    /// a buffer first (see `scsi::sbc::read` for the semantics, and
+    /// `docs/performance.md`). `daemon.zero_copy_read` in the config.
+    pub zero_copy_read: bool,
 }
 
 impl Default for ServerOptions {
@@ -75,6 +80,7 @@ impl Default for ServerOptions {
             tick: Duration::from_millis(200),
             max_connections: 1024,
             target_portal_group_tag: 1,
+            zero_copy_read: true,
         }
     }
 }
@@ -139,6 +145,9 @@ pub(crate) struct Shared {
     pub shutdown: AtomicBool,
     pub next_conn_id: AtomicU64,
     pub live_connections: AtomicUsize,
+    /// Data-In bytes sent from backing files with `sendfile`, all
+    /// connections.
+    pub sent_by_ref: AtomicU64,
 }
 
 impl Shared {
@@ -186,6 +195,12 @@ impl ServerHandle {
     /// Number of open connections (logging in or logged in).
     pub fn connection_count(&self) -> usize {
         self.shared.live_connections.load(Ordering::Acquire)
+    }
+
+    /// Data-In bytes sent so far straight from backing files (`sendfile`,
+    /// see [`ServerOptions::zero_copy_read`]) rather than from buffers.
+    pub fn data_in_sent_by_ref(&self) -> u64 {
+        self.shared.sent_by_ref.load(Ordering::Relaxed)
     }
 }
 
@@ -250,6 +265,7 @@ impl Server {
                 shutdown: AtomicBool::new(false),
                 next_conn_id: AtomicU64::new(1),
                 live_connections: AtomicUsize::new(0),
+                sent_by_ref: AtomicU64::new(0),
             }),
             listeners,
             wake_rx,

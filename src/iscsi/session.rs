@@ -9,7 +9,7 @@
 //! writes what they decide.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::conn::Conn;
@@ -884,6 +884,14 @@ pub struct Session {
     sn: AtomicU64,
     /// Bytes of write data buffered by this session's tasks.
     pub buffered: Arc<AtomicUsize>,
+    /// A task with an attribute that orders tasks (ORDERED, HEAD OF QUEUE,
+    /// ACA) arrived on this session. Its READs no longer go by reference
+    /// from then on: such data leaves the page cache only when it is sent,
+    /// after the task has ended for the task set, and an ORDERED write let
+    /// in by that end could change it. (SIMPLE reads already sent by
+    /// reference when the first such task arrives are not covered; the
+    /// initiators in use send SIMPLE only.)
+    pub ordered_seen: AtomicBool,
 }
 
 impl Session {
@@ -907,6 +915,7 @@ impl Session {
             changed: Condvar::new(),
             sn: AtomicU64::new(0),
             buffered: Arc::new(AtomicUsize::new(0)),
+            ordered_seen: AtomicBool::new(false),
         };
         s.publish(&window);
         s

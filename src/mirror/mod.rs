@@ -28,7 +28,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::block::{
-    check_range, BatchOp, BlockCaps, BlockDev, BlockError, BlockResult, SharedDev, WriteFlags,
+    check_range, BatchOp, BlockCaps, BlockDev, BlockError, BlockResult, FileExtent, SharedDev,
+    WriteFlags,
 };
 
 pub mod assoc;
@@ -323,6 +324,23 @@ impl BlockDev for MirroredVolume {
         let r = self.primary.read_at(buf, offset);
         drop(guard);
         r
+    }
+
+    /// The primary's extent, but only while reads of the range are served
+    /// by the primary as it is: while a restore still has to bring a region
+    /// of the range back from the replica (`read_at` does that first, under
+    /// the region lock), there is no file range to name.
+    fn file_extent(&self, offset: u64, len: u64) -> BlockResult<Option<FileExtent>> {
+        check_range(self.size, offset, len)?;
+        if len == 0
+            || self
+                .list()
+                .iter()
+                .any(|a| a.needs_region_lock(offset, len, false))
+        {
+            return Ok(None);
+        }
+        self.primary.file_extent(offset, len)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> BlockResult<()> {

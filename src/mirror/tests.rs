@@ -693,3 +693,79 @@ fn allocation_reports_regions_not_restored_yet_as_mapped() {
     run_copy(&a);
     assert_eq!(r.vol.allocation(0, 16 * RS).unwrap(), (false, 16 * RS));
 }
+
+/// A primary that names a file range for every read, as a buffered file
+/// does (the file is a stand-in: only the decision is under test).
+struct ExtentDev(Arc<MemDev>, Arc<std::fs::File>);
+
+impl BlockDev for ExtentDev {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::block::BlockResult<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        flags: WriteFlags,
+    ) -> crate::block::BlockResult<()> {
+        self.0.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> crate::block::BlockResult<()> {
+        self.0.flush()
+    }
+    fn caps(&self) -> crate::block::BlockCaps {
+        self.0.caps()
+    }
+    fn file_extent(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> crate::block::BlockResult<Option<crate::block::FileExtent>> {
+        crate::block::check_range(self.size(), offset, len)?;
+        Ok(Some(crate::block::FileExtent {
+            file: self.1.clone(),
+            offset,
+            len,
+        }))
+    }
+}
+
+#[test]
+fn file_extent_comes_from_the_primary_unless_a_restore_is_pending() {
+    let mut r = rig(16 * RS);
+    let file = Arc::new(tempfile::tempfile().unwrap());
+    r.vol = MirroredVolume::new("lun0", Arc::new(ExtentDev(r.primary.clone(), file)));
+    let some = |off: u64, len: u64| r.vol.file_extent(off, len).unwrap().is_some();
+    // Without associations, and with a synchronized one: the primary's.
+    assert!(some(0, 16 * RS));
+    let e = r.vol.file_extent(RS, 2 * RS).unwrap().unwrap();
+    assert_eq!((e.offset, e.len), (RS, 2 * RS));
+    assert!(r.vol.file_extent(15 * RS, 2 * RS).is_err(), "range checked");
+    assert!(r.vol.file_extent(RS, 0).unwrap().is_none());
+    let a = attach(&r, CopyType::Sync, policy());
+    run_copy(&a);
+    assert!(some(0, 16 * RS));
+    // A restore that still has to bring regions 2, 3 and 9 back from the
+    // replica: reads there are not the primary's bytes as they are.
+    let q = r.vol.quiesce(Duration::from_secs(1)).unwrap();
+    a.fracture().unwrap();
+    drop(q);
+    for off in [2 * RS, 3 * RS, 9 * RS] {
+        w(&r.vol, b"changed", off);
+    }
+    assert!(some(0, 16 * RS), "fractured: reads are the primary's");
+    let q = r.vol.quiesce(Duration::from_secs(1)).unwrap();
+    assert!(a.begin_restore().unwrap());
+    drop(q);
+    assert!(!some(0, 16 * RS));
+    assert!(!some(2 * RS + 100, 10));
+    assert!(!some(8 * RS, 2 * RS));
+    assert!(some(0, 2 * RS));
+    assert!(some(4 * RS, 5 * RS));
+    assert!(some(10 * RS, 6 * RS));
+    run_copy(&a);
+    assert!(some(0, 16 * RS), "restored: the primary's again");
+}

@@ -397,7 +397,14 @@ impl LogicalUnit {
                 lba,
                 blocks,
                 fua: _,
-            } => good(sbc::read(self, form, lba, blocks)?),
+            } => {
+                let len = u64::from(blocks) << self.shift;
+                let by_ref = sbc::by_ref_allowed(req, len);
+                Ok(match sbc::read(self, form, lba, blocks, by_ref)? {
+                    sbc::ReadData::Buffer(d) => ScsiResponse::good(d),
+                    sbc::ReadData::File(f) => ScsiResponse::good_file(f),
+                })
+            }
             Command::Write {
                 form,
                 lba,

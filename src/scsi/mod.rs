@@ -28,6 +28,8 @@
 
 use std::sync::Arc;
 
+use crate::block::FileExtent;
+
 /// An I_T nexus as the SCSI core sees it: who is asking, through which port.
 /// Frontends create one per session (iSCSI) or per device (TCMU) and keep it
 /// for the life of the nexus; the core keys unit attentions and
@@ -71,6 +73,13 @@ pub struct ScsiRequest<'a> {
     /// frontend, which reports the residual.
     pub expected_in_len: u32,
     pub task_attr: TaskAttr,
+    /// The frontend can send data-in by reference: a large plain READ may
+    /// then answer with [`ScsiResponse::data_in_file`] (a range of the
+    /// backing file) instead of filling `data_in`, and the frontend moves
+    /// the bytes from the page cache to its transport itself, *after*
+    /// `execute` returned (see `sbc::read` for when and what that means).
+    /// Frontends that need the bytes in memory (TCMU) leave it `false`.
+    pub data_in_by_ref: bool,
 }
 
 /// SCSI status byte values (SAM-5).
@@ -97,6 +106,10 @@ pub struct ScsiResponse {
     /// Data-in. May exceed `expected_in_len`; the frontend truncates and
     /// reports overflow.
     pub data_in: Vec<u8>,
+    /// Data-in by reference, only if the request set
+    /// [`ScsiRequest::data_in_by_ref`]: the bytes of this file range are
+    /// the data-in (`data_in` is then empty). Truncated like `data_in`.
+    pub data_in_file: Option<FileExtent>,
 }
 
 impl ScsiResponse {
@@ -105,6 +118,33 @@ impl ScsiResponse {
             status: ScsiStatus::Good,
             sense: Vec::new(),
             data_in,
+            data_in_file: None,
+        }
+    }
+
+    /// GOOD, the data-in being the bytes of `extent`.
+    pub fn good_file(extent: FileExtent) -> Self {
+        ScsiResponse {
+            data_in_file: Some(extent),
+            ..Self::good(Vec::new())
+        }
+    }
+
+    /// `status` with sense data (empty for none) and no data-in.
+    pub fn with_sense(status: ScsiStatus, sense: Vec<u8>) -> Self {
+        ScsiResponse {
+            status,
+            sense,
+            data_in: Vec::new(),
+            data_in_file: None,
+        }
+    }
+
+    /// Length of the data-in, in memory or by reference.
+    pub fn data_in_len(&self) -> u64 {
+        match &self.data_in_file {
+            Some(f) => f.len,
+            None => self.data_in.len() as u64,
         }
     }
 }
@@ -175,6 +215,8 @@ mod xcopy;
 mod tests;
 #[cfg(test)]
 mod tests2;
+#[cfg(test)]
+mod tests_by_ref;
 #[cfg(test)]
 mod tests_sanitize;
 

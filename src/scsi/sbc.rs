@@ -10,7 +10,8 @@ use super::cdb::{Form, Reader};
 use super::lu::LogicalUnit;
 use super::sense::ScsiError;
 use super::spc::{truncate, MAX_XFER_BYTES};
-use crate::block::WriteFlags;
+use super::{ScsiRequest, TaskAttr};
+use crate::block::{FileExtent, WriteFlags};
 
 /// Chunk size for commands that scan ranges without a data buffer of the
 /// whole range (VERIFY, compare loops).
@@ -78,11 +79,72 @@ pub fn read_capacity16(lu: &LogicalUnit, alloc_len: u32) -> Vec<u8> {
     truncate(d, alloc_len as usize)
 }
 
-pub fn read(lu: &LogicalUnit, form: Form, lba: u64, blocks: u32) -> Result<Vec<u8>, ScsiError> {
+/// Smallest READ whose data goes by reference when the frontend allows it
+/// ([`ReadData::File`]): below it a page-cache copy into a buffer costs
+/// less than the extra system calls of sending a file range, and the
+/// buffer path's small buffers come from malloc's per-thread caches.
+pub const DATA_IN_BY_REF_MIN: u64 = 64 * 1024;
+
+/// The data of a READ.
+#[derive(Debug)]
+pub enum ReadData {
+    /// Read into a buffer (from the buffer pool).
+    Buffer(Vec<u8>),
+    /// A range of the backing file holding exactly the data; the frontend
+    /// sends it from the page cache itself.
+    File(FileExtent),
+}
+
+/// Whether a READ of `len` bytes for `req` may go by reference: the
+/// frontend can take it, the task is SIMPLE (ORDERED and HEAD OF QUEUE
+/// tasks take the buffer path: their data must be fixed when the task ends,
+/// see `read`), and it is large enough to be worth it.
+pub(crate) fn by_ref_allowed(req: &ScsiRequest<'_>, len: u64) -> bool {
+    req.data_in_by_ref && req.task_attr == TaskAttr::Simple && len >= DATA_IN_BY_REF_MIN
+}
+
+/// READ(6/10/12/16). Every check (transfer length, LBA range; the
+/// reservation, sanitize and started-state checks ran before dispatch)
+/// happens here, before any data moves, in both modes.
+///
+/// With `by_ref` (see [`by_ref_allowed`]) and a device that can name the
+/// file range ([`crate::block::BlockDev::file_extent`]), nothing is read:
+/// the frontend sends the file's bytes with `sendfile(2)` when it writes
+/// the Data-In, so the bytes leave the page cache at transmit time (in
+/// fact until the receiver copies them out of the socket: the socket
+/// buffers reference page-cache pages), not while the command executes.
+/// That is still a correct READ because the status follows the data on
+/// the same TCP stream: the initiator cannot see the status — and so cannot
+/// issue a command that depends on this READ — before it has received every
+/// data byte. A write issued without waiting for the status is concurrent
+/// with the READ, and SAM gives concurrent SIMPLE tasks no order. Task
+/// attributes that do order tasks take the buffer path (the iSCSI
+/// frontend, in addition, stops asking for by-reference data on a session
+/// once it has seen an ORDERED or HEAD OF QUEUE task there). A device
+/// error the page cache meets at transmit time can no longer become a
+/// CHECK CONDITION: the frontend drops the connection instead.
+pub fn read(
+    lu: &LogicalUnit,
+    form: Form,
+    lba: u64,
+    blocks: u32,
+    by_ref: bool,
+) -> Result<ReadData, ScsiError> {
     check_xfer(lu, form, blocks)?;
     let (off, len) = byte_range(lu, lba, blocks.into())?;
     if len == 0 {
-        return Ok(Vec::new());
+        return Ok(ReadData::Buffer(Vec::new()));
+    }
+    if by_ref {
+        // Waits for exclusive holders of the range (COMPARE AND WRITE,
+        // ORWRITE, SANITIZE) that started before this READ, as the buffer
+        // path would; the bytes themselves are sampled later, see above.
+        let g = lu.locks.shared(off, len);
+        let extent = lu.dev.file_extent(off, len).map_err(ScsiError::read)?;
+        drop(g);
+        if let Some(extent) = extent {
+            return Ok(ReadData::File(extent));
+        }
     }
     // len <= MAX_XFER_BYTES, so it fits in usize.
     // `read_at` fills all of it or fails: a recycled buffer's old bytes
@@ -91,7 +153,7 @@ pub fn read(lu: &LogicalUnit, form: Form, lba: u64, blocks: u32) -> Result<Vec<u
     let mut buf = pool.take_for_overwrite(len as usize);
     let _g = lu.locks.shared(off, len);
     match lu.dev.read_at(&mut buf, off) {
-        Ok(()) => Ok(buf),
+        Ok(()) => Ok(ReadData::Buffer(buf)),
         Err(e) => {
             pool.give(buf);
             Err(ScsiError::read(e))

@@ -349,14 +349,12 @@ impl ScsiError {
     /// The response the initiator sees; `descriptor` selects descriptor
     /// format sense (control mode page D_SENSE).
     pub fn into_response(self, descriptor: bool) -> ScsiResponse {
-        ScsiResponse {
-            status: self.status(),
-            sense: self
-                .sense()
+        ScsiResponse::with_sense(
+            self.status(),
+            self.sense()
                 .map(|s| s.encode(descriptor))
                 .unwrap_or_default(),
-            data_in: Vec::new(),
-        }
+        )
     }
 }
 

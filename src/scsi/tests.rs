@@ -99,6 +99,7 @@ impl H {
             data_out,
             expected_in_len: 1 << 20,
             task_attr: TaskAttr::Simple,
+            data_in_by_ref: false,
         })
     }
 
@@ -723,6 +724,7 @@ fn physical_block_exponent() {
                 data_out: &[],
                 expected_in_len: 64,
                 task_attr: TaskAttr::Simple,
+                data_in_by_ref: false,
             })
         };
         run(&[0; 6]);
@@ -1017,6 +1019,7 @@ fn capacity_change_raises_ua() {
             data_out: &[],
             expected_in_len: 64,
             task_attr: TaskAttr::Simple,
+            data_in_by_ref: false,
         })
     };
     run(&[0; 6]);

@@ -869,6 +869,7 @@ fn pr_aptpl_persists_through_store() {
             data_out: data,
             expected_in_len: 4096,
             task_attr: TaskAttr::Simple,
+            data_in_by_ref: false,
         })
     };
     let m = make();
@@ -897,6 +898,7 @@ fn pr_aptpl_persists_through_store() {
         data_out: &[],
         expected_in_len: 512,
         task_attr: TaskAttr::Simple,
+        data_in_by_ref: false,
     });
     assert_eq!(r.status, ScsiStatus::CheckCondition, "power-on UA first");
     let r = m2.execute(&ScsiRequest {
@@ -906,6 +908,7 @@ fn pr_aptpl_persists_through_store() {
         data_out: &[],
         expected_in_len: 512,
         task_attr: TaskAttr::Simple,
+        data_in_by_ref: false,
     });
     assert_eq!(r.status, ScsiStatus::ReservationConflict);
     // Turning APTPL off saves a state that restores to nothing.

@@ -89,6 +89,7 @@ impl T {
             data_out,
             expected_in_len: 1 << 20,
             task_attr: TaskAttr::Simple,
+            data_in_by_ref: false,
         })
     }
 

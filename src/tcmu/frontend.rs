@@ -257,6 +257,8 @@ pub fn execute(target: &dyn ScsiTarget, nexus: &Arc<Nexus>, p: &Prepared) -> Scs
         data_out: &p.data_out,
         expected_in_len: p.expected_in_len,
         task_attr: TaskAttr::Simple,
+        // The ring needs the bytes in its data area.
+        data_in_by_ref: false,
     })
 }
 
@@ -526,11 +528,10 @@ impl ScsiTarget for NotReady {
             d[32..36].copy_from_slice(b"0000");
             return ScsiResponse::good(d);
         }
-        ScsiResponse {
-            status: ScsiStatus::CheckCondition,
-            sense: fixed_sense(0x02, 0x04, 0x03).to_vec(),
-            data_in: Vec::new(),
-        }
+        ScsiResponse::with_sense(
+            ScsiStatus::CheckCondition,
+            fixed_sense(0x02, 0x04, 0x03).to_vec(),
+        )
     }
     fn task_management(&self, _tmf: TaskMgmt, _nexus: &Nexus) {}
 }

@@ -891,3 +891,95 @@ fn block_device_backstore() {
             .expect("reset");
     }
 }
+
+#[test]
+fn file_extent_names_the_range_of_a_buffered_file() {
+    let cfg = Cfg {
+        engine: EngineKind::Sync,
+        ring: RingUse::WhereFaster,
+    };
+    let (_dir, path, dev) = new_dev(cfg, 4 * MIB);
+    let data = pattern(21, 256 * KIB as usize);
+    dev.write_at(&data, MIB, WriteFlags::default())
+        .expect("write");
+    let e = dev
+        .file_extent(MIB + 4096, 128 * KIB)
+        .expect("in range")
+        .expect("a buffered file names its range");
+    assert_eq!((e.offset, e.len), (MIB + 4096, 128 * KIB));
+    // The handle is the device's open file: its bytes are what read_at gives.
+    let mut got = vec![0u8; e.len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&*e.file, &mut got, e.offset).expect("pread");
+    assert_eq!(got, read_vec(&dev, MIB + 4096, 128 * KIB as usize));
+    assert_eq!(got, data[4096..4096 + 128 * KIB as usize]);
+    // Two extents share one handle; equality is by handle and range.
+    let e2 = dev.file_extent(MIB + 4096, 128 * KIB).unwrap().unwrap();
+    assert!(Arc::ptr_eq(&e.file, &e2.file));
+    assert_eq!(e, e2);
+    assert_ne!(e, dev.file_extent(MIB, 128 * KIB).unwrap().unwrap());
+    // Checked as read_at checks: the last byte is fine, one more is not.
+    assert!(dev.file_extent(4 * MIB - 512, 512).unwrap().is_some());
+    for (off, len) in [(4 * MIB - 512, 513), (4 * MIB, 1), (u64::MAX, 2)] {
+        assert!(
+            matches!(
+                dev.file_extent(off, len),
+                Err(BlockError::OutOfRange { .. })
+            ),
+            "{off}+{len}"
+        );
+    }
+    // Nothing to name.
+    assert!(dev.file_extent(MIB, 0).unwrap().is_none());
+    // The extent keeps the file open after the device is gone.
+    drop(dev);
+    std::os::unix::fs::FileExt::read_exact_at(&*e.file, &mut got, e.offset).expect("pread");
+    assert_eq!(got, data[4096..4096 + 128 * KIB as usize]);
+    drop(path);
+}
+
+#[test]
+fn file_extent_of_a_short_file_names_the_device_range() {
+    // A backing file shorter than the device (truncated externally): the
+    // extent still covers the device range; bytes past the file's end are
+    // zeroes for whoever sends it, as read_at returns them.
+    let cfg = Cfg {
+        engine: EngineKind::Sync,
+        ring: RingUse::WhereFaster,
+    };
+    let (_dir, path, dev) = new_dev(cfg, 2 * MIB);
+    File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let e = dev.file_extent(MIB - 4096, 64 * KIB).unwrap().unwrap();
+    assert_eq!((e.offset, e.len), (MIB - 4096, 64 * KIB));
+    assert!(read_vec(&dev, MIB, 4096).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn no_file_extent_for_o_direct() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("direct.img");
+    let dev = match FileDev::open(
+        &path,
+        FileDevOptions {
+            direct: true,
+            create_size: Some(MIB),
+            ..opts(EngineKind::Sync)
+        },
+    ) {
+        Ok(dev) => dev,
+        Err(BlockError::Io(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("SKIP: the temp filesystem refuses O_DIRECT");
+            return;
+        }
+        Err(e) => panic!("open O_DIRECT: {e}"),
+    };
+    assert!(dev.file_extent(0, 64 * KIB).unwrap().is_none());
+    assert!(matches!(
+        dev.file_extent(MIB, 1),
+        Err(BlockError::OutOfRange { .. })
+    ));
+}

@@ -247,6 +247,7 @@ fn not_ready_target() {
         data_out: &[],
         expected_in_len: 96,
         task_attr: TaskAttr::Simple,
+        data_in_by_ref: false,
     };
     let inq = nr.execute(&req(&[0x12, 0, 0, 0, 96, 0]));
     assert_eq!(inq.status, ScsiStatus::Good);
