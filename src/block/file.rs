@@ -153,6 +153,15 @@ pub struct FileDev {
     direct: bool,
     /// [`RingUse::Always`] is in force.
     ring_always: AtomicBool,
+    /// Serialises buffered writes to a regular file in userspace. The
+    /// kernel serialises them anyway (ext4 and xfs take the inode's
+    /// `i_rwsem` exclusively for a buffered write), but its waiters spin
+    /// on the owner (`rwsem_spin_on_owner`, `osq_lock`): with 8 threads
+    /// writing 4 KiB at random into one ext4 file a plain `Mutex` cut the
+    /// CPU per write from 4.5 to 1.9 µs (38 to 28 µs into large folios).
+    /// `None` for `O_DIRECT` files and block devices, which write in
+    /// parallel.
+    write_serial: Option<std::sync::Mutex<()>>,
 }
 
 /// Which requests the io_uring engine puts on a ring.
@@ -264,6 +273,8 @@ impl FileDev {
             caps,
             zero_range: AtomicBool::new(true),
             ring_fallback_warned: AtomicBool::new(false),
+            write_serial: (backing == Backing::File && !opts.direct)
+                .then(|| std::sync::Mutex::new(())),
             direct: opts.direct,
             ring_always: AtomicBool::new(false),
         })
@@ -307,6 +318,7 @@ impl FileDev {
         SyncFiles {
             file: &self.file,
             dsync: self.dsync.as_ref(),
+            write_serial: self.write_serial.as_ref(),
         }
     }
 
@@ -415,6 +427,29 @@ impl BlockDev for FileDev {
 
     fn caps(&self) -> BlockCaps {
         self.caps
+    }
+
+    /// `POSIX_FADV_DONTNEED` over the whole file. Besides not holding a
+    /// second copy of the data in memory, it keeps a replica's later small
+    /// writes cheap: a copy writes 1 MiB at a time, the page cache keeps
+    /// those pages as large folios, and on ext4 (kernel 6.18) every 4 KiB
+    /// buffered write into a large folio walks all its buffer heads —
+    /// measured 4.7 µs per random 4 KiB `pwrite` into a file written in
+    /// 1 MiB pieces, 15–21 µs after a long sequential read, 1.5–2.2 µs once
+    /// the pages were dropped (new 4 KiB folios, no read needed for whole
+    /// blocks).
+    fn release_cache(&self) {
+        if self.direct {
+            return;
+        }
+        if let Err(e) = nix::fcntl::posix_fadvise(
+            &self.file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        ) {
+            tracing::debug!(path = %self.path.display(), error = %e, "fadvise(DONTNEED) failed");
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {

@@ -155,8 +155,14 @@ impl Default for MirrorPolicy {
             fail_host_io_on_replica_error: false,
             journal: JournalConfig::default(),
             replica_threads: 4,
-            checkpoint_bytes: 32 << 20,
-            checkpoint_interval: Duration::from_secs(1),
+            // Each checkpoint flushes the replica: its writeback of
+            // everything applied since the last one. Rare checkpoints let
+            // a page written many times go to disk once (as an unmirrored
+            // LUN leaves it to the kernel) and keep the shipper applying
+            // instead of waiting for the disk; the price is a longer
+            // (idempotent) replay after a crash.
+            checkpoint_bytes: 256 << 20,
+            checkpoint_interval: Duration::from_secs(10),
         }
     }
 }
@@ -1068,7 +1074,7 @@ impl Association {
         let flushed = if to_primary {
             self.primary.flush()
         } else {
-            self.replica.flush()
+            self.replica.flush().inspect(|()| self.replica.release_cache())
         };
         if let Err(e) = flushed {
             let why = format!("flush after copy failed: {e}");
@@ -1474,6 +1480,37 @@ impl Association {
         !g.al.is_empty() || g.persisted.count() != needed.count()
     }
 
+    /// Whether a round now — flushing the primary and the replica or
+    /// journal, often the writeback of everything written lately — would
+    /// clear enough marks to pay for itself: at least a quarter of the
+    /// marked regions had no write since the previous round, or any had
+    /// none and `overdue` (the last flushing round was long ago). Under a
+    /// write load spread over the whole volume nothing is idle, a round
+    /// would clear nothing, and skipping it leaves writeback to the kernel
+    /// as it does for an unmirrored LUN.
+    pub(crate) fn housekeeping_pays(&self, overdue: bool) -> bool {
+        let g = self.locked();
+        if !Self::tracks(&g) {
+            return false;
+        }
+        let mut clearable = g.persisted.clone();
+        clearable.union_with(&g.al);
+        let marked = clearable.count();
+        clearable.subtract(&g.oos);
+        if let Some(c) = &g.copy {
+            clearable.subtract(&c.pending);
+        }
+        clearable.subtract(&g.touched);
+        let idle = clearable.count();
+        idle > 0 && (overdue || idle.saturating_mul(4) >= marked)
+    }
+
+    /// A skipped round still starts a new observation period for
+    /// [`Self::housekeeping_pays`].
+    pub(crate) fn housekeep_skip(&self) {
+        self.locked().touched.clear_all();
+    }
+
     /// Round part 1: remember what must stay marked this round.
     pub(crate) fn housekeep_begin(&self) -> Bitmap {
         let held = self.locks.held_ranges();
@@ -1525,6 +1562,7 @@ impl Association {
                 self.flush_failed(&e.to_string());
                 return;
             }
+            self.replica.release_cache();
         }
         let mut file = self.bitmap.lock().unwrap_or_else(|e| e.into_inner());
         let held = self.locks.held_ranges();
@@ -1622,6 +1660,7 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
                 a.fail(format!("replica flush failed: {e}"));
                 return false;
             }
+            a.replica.release_cache();
             if let Err(e) = journal.checkpoint() {
                 tracing::warn!(assoc = a.id, error = %e, "journal checkpoint failed");
             }
