@@ -11,7 +11,6 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
 
 use super::Slot;
 use crate::block::BatchOp;
@@ -23,9 +22,6 @@ pub(super) struct SyncFiles<'a> {
     pub file: &'a File,
     /// The same file opened with `O_DSYNC`, for FUA writes.
     pub dsync: Option<&'a File>,
-    /// Held around each buffered (non-FUA) write when set: see
-    /// `FileDev::write_serial`.
-    pub write_serial: Option<&'a Mutex<()>>,
 }
 
 /// Read exactly `buf.len()` bytes at `offset`. Short reads are continued;
@@ -55,12 +51,6 @@ pub(super) fn write(files: SyncFiles<'_>, buf: &[u8], offset: u64, fua: bool) ->
     let target = match (fua, files.dsync) {
         (true, Some(dsync)) => dsync,
         _ => files.file,
-    };
-    // A FUA write also waits for the device: it keeps the kernel's own
-    // serialisation only (which is released before that wait).
-    let _serial = match files.write_serial {
-        Some(m) if !fua => Some(m.lock().unwrap_or_else(|e| e.into_inner())),
-        _ => None,
     };
     let mut done = 0usize;
     while done < buf.len() {
