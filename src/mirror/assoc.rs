@@ -157,12 +157,14 @@ impl Default for MirrorPolicy {
             replica_threads: 4,
             // Each checkpoint flushes the replica: its writeback of
             // everything applied since the last one. Rare checkpoints let
-            // a page written many times go to disk once (as an unmirrored
-            // LUN leaves it to the kernel) and keep the shipper applying
-            // instead of waiting for the disk; the price is a longer
-            // (idempotent) replay after a crash.
-            checkpoint_bytes: 256 << 20,
-            checkpoint_interval: Duration::from_secs(10),
+            // a page written many times go to disk once and keep the
+            // shipper applying instead of waiting for the disk; after 30 s
+            // the kernel's flusher (dirty_expire_centisecs) has written
+            // most of it back already, as it does for an unmirrored LUN.
+            // The price is a longer (idempotent) replay after a crash and
+            // up to this many applied bytes kept on disk in the journal.
+            checkpoint_bytes: 512 << 20,
+            checkpoint_interval: Duration::from_secs(30),
         }
     }
 }
@@ -1638,16 +1640,32 @@ const SHIP_BATCH_RECORDS: usize = 64;
 /// … and bytes: space is freed for throttled writers at least this often.
 const SHIP_BATCH_BYTES: u64 = 4 << 20;
 
+/// A batch smaller than this makes the shipper wait `SHIP_LINGER` for more.
+const SHIP_LINGER_BELOW: usize = 16;
+const SHIP_LINGER: Duration = Duration::from_millis(1);
+/// Records this large (or larger) leave large folios in the replica's cache.
+const LARGE_RECORD: u64 = 64 << 10;
+
 fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
     let mut unflushed_bytes = 0u64;
     let mut unflushed_records = 0u64;
     let mut last_ckpt = Instant::now();
+    let large_applied = std::cell::Cell::new(false);
     loop {
-        let batch = journal.next_batch(
+        let mut batch = journal.next_batch(
             Duration::from_millis(100),
             SHIP_BATCH_RECORDS,
             SHIP_BATCH_BYTES,
         );
+        if !batch.is_empty()
+            && batch.len() < SHIP_LINGER_BELOW
+            && batch.iter().all(|p| p.kind != RecordKind::Flush)
+        {
+            // Caught up with the writers: let records gather instead of
+            // being woken for every few of them.
+            std::thread::sleep(SHIP_LINGER);
+            batch = journal.next_batch(Duration::ZERO, SHIP_BATCH_RECORDS, SHIP_BATCH_BYTES);
+        }
         let Some(a) = me.upgrade() else { return };
         if a.stopping.load(Ordering::SeqCst) && batch.is_empty() && a.shipper_may_exit(&journal) {
             return;
@@ -1660,7 +1678,12 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
                 a.fail(format!("replica flush failed: {e}"));
                 return false;
             }
-            a.replica.release_cache();
+            // Large records leave large folios behind, which make later
+            // small writes expensive (`FileDev::release_cache`); small
+            // records leave small ones, cheaper to keep than to recreate.
+            if large_applied.replace(false) {
+                a.replica.release_cache();
+            }
             if let Err(e) = journal.checkpoint() {
                 tracing::warn!(assoc = a.id, error = %e, "journal checkpoint failed");
             }
@@ -1736,6 +1759,9 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
                 exit = a.shipper_may_exit(&journal);
                 unmarked = None;
                 break;
+            }
+            if p.kind == RecordKind::Write && p.length >= LARGE_RECORD {
+                large_applied.set(true);
             }
             unmarked = Some(p.seq);
             unflushed_records += 1;
