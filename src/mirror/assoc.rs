@@ -162,8 +162,11 @@ impl Default for MirrorPolicy {
             // the kernel's flusher (dirty_expire_centisecs) has written
             // most of it back already, as it does for an unmirrored LUN.
             // The price is a longer (idempotent) replay after a crash and
-            // up to this many applied bytes kept on disk in the journal.
-            checkpoint_bytes: 512 << 20,
+            // up to this many applied bytes kept on disk in the journal
+            // besides the unapplied ones (`JournalConfig::cap`, also 1 GiB).
+            // Measured: with 512 MiB a 5 s 4 KiB random-write run spent 29 %
+            // of the shipper's CPU in the checkpoint's `fdatasync`.
+            checkpoint_bytes: 1 << 30,
             checkpoint_interval: Duration::from_secs(30),
         }
     }

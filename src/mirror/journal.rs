@@ -1461,14 +1461,23 @@ mod tests {
             6 * (HEADER_LEN as u64 + 100)
         );
         // Rotation (1000-byte segments) with records staged: the old tail
-        // is written and synced before the new segment starts.
+        // is written before the new segment starts, but synced only by the
+        // next `sync_to`, which syncs every closed segment not yet durable.
         for i in 0..20u64 {
             j.append(RecordKind::Write, false, i, 100, &[i as u8 + 50; 100])
                 .unwrap();
         }
-        assert!(j.locked().segments.len() > 1);
+        let closed_not_durable = |j: &Journal| {
+            let g = j.locked();
+            let n = g.segments.len();
+            g.segments[..n - 1].iter().filter(|s| !s.durable).count()
+        };
+        assert!(j.locked().segments.len() > 2);
+        assert!(closed_not_durable(&j) >= 2, "closing does not sync");
         let last = j.last_seq();
         j.sync_to(last).unwrap();
+        assert_eq!(closed_not_durable(&j), 0);
+        assert_eq!(j.locked().synced_seq, last);
         drop(j);
         let (j, rep) = Journal::open(dir.path(), cfg(1 << 30, 1000)).unwrap();
         assert_eq!((rep.pending, rep.stopped_at), (26, None));
