@@ -1079,7 +1079,9 @@ impl Association {
         let flushed = if to_primary {
             self.primary.flush()
         } else {
-            self.replica.flush().inspect(|()| self.replica.release_cache())
+            self.replica
+                .flush()
+                .inspect(|()| self.replica.release_cache())
         };
         if let Err(e) = flushed {
             let why = format!("flush after copy failed: {e}");
