@@ -440,6 +440,29 @@ impl BlockDev for FileDev {
         self.caps
     }
 
+    /// `POSIX_FADV_DONTNEED` over the whole file. Besides not holding a
+    /// second copy of the data in memory, it keeps a replica's later small
+    /// writes cheap: a copy writes 1 MiB at a time, the page cache keeps
+    /// those pages as large folios, and on ext4 (kernel 6.18) every 4 KiB
+    /// buffered write into a large folio walks all its buffer heads —
+    /// measured 4.7 µs per random 4 KiB `pwrite` into a file written in
+    /// 1 MiB pieces, 15–21 µs after a long sequential read, 1.5–2.2 µs once
+    /// the pages were dropped (new 4 KiB folios, no read needed for whole
+    /// blocks).
+    fn release_cache(&self) {
+        if self.direct {
+            return;
+        }
+        if let Err(e) = nix::fcntl::posix_fadvise(
+            &self.file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        ) {
+            tracing::debug!(path = %self.path.display(), error = %e, "fadvise(DONTNEED) failed");
+        }
+    }
+
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.check_writable(offset, len)?;
         if len == 0 {

@@ -109,6 +109,11 @@ pub trait BlockDev: Send + Sync {
     /// Capabilities of this device.
     fn caps(&self) -> BlockCaps;
 
+    /// Drop the device's clean cached pages, if it has a page cache; a
+    /// hint, called right after a [`flush`](Self::flush) of a device whose
+    /// contents nobody reads back soon (a replica).
+    fn release_cache(&self) {}
+
     /// Deallocate a range; later reads return zeroes. Default: write zeroes.
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.write_zeroes(offset, len, WriteFlags::default())

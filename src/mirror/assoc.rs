@@ -155,8 +155,19 @@ impl Default for MirrorPolicy {
             fail_host_io_on_replica_error: false,
             journal: JournalConfig::default(),
             replica_threads: 4,
-            checkpoint_bytes: 32 << 20,
-            checkpoint_interval: Duration::from_secs(1),
+            // Each checkpoint flushes the replica: its writeback of
+            // everything applied since the last one. Rare checkpoints let
+            // a page written many times go to disk once and keep the
+            // shipper applying instead of waiting for the disk; after 30 s
+            // the kernel's flusher (dirty_expire_centisecs) has written
+            // most of it back already, as it does for an unmirrored LUN.
+            // The price is a longer (idempotent) replay after a crash and
+            // up to this many applied bytes kept on disk in the journal
+            // besides the unapplied ones (`JournalConfig::cap`, also 1 GiB).
+            // Measured: with 512 MiB a 5 s 4 KiB random-write run spent 29 %
+            // of the shipper's CPU in the checkpoint's `fdatasync`.
+            checkpoint_bytes: 1 << 30,
+            checkpoint_interval: Duration::from_secs(30),
         }
     }
 }
@@ -1068,7 +1079,9 @@ impl Association {
         let flushed = if to_primary {
             self.primary.flush()
         } else {
-            self.replica.flush()
+            self.replica
+                .flush()
+                .inspect(|()| self.replica.release_cache())
         };
         if let Err(e) = flushed {
             let why = format!("flush after copy failed: {e}");
@@ -1474,6 +1487,37 @@ impl Association {
         !g.al.is_empty() || g.persisted.count() != needed.count()
     }
 
+    /// Whether a round now — flushing the primary and the replica or
+    /// journal, often the writeback of everything written lately — would
+    /// clear enough marks to pay for itself: at least a quarter of the
+    /// marked regions had no write since the previous round, or any had
+    /// none and `overdue` (the last flushing round was long ago). Under a
+    /// write load spread over the whole volume nothing is idle, a round
+    /// would clear nothing, and skipping it leaves writeback to the kernel
+    /// as it does for an unmirrored LUN.
+    pub(crate) fn housekeeping_pays(&self, overdue: bool) -> bool {
+        let g = self.locked();
+        if !Self::tracks(&g) {
+            return false;
+        }
+        let mut clearable = g.persisted.clone();
+        clearable.union_with(&g.al);
+        let marked = clearable.count();
+        clearable.subtract(&g.oos);
+        if let Some(c) = &g.copy {
+            clearable.subtract(&c.pending);
+        }
+        clearable.subtract(&g.touched);
+        let idle = clearable.count();
+        idle > 0 && (overdue || idle.saturating_mul(4) >= marked)
+    }
+
+    /// A skipped round still starts a new observation period for
+    /// [`Self::housekeeping_pays`].
+    pub(crate) fn housekeep_skip(&self) {
+        self.locked().touched.clear_all();
+    }
+
     /// Round part 1: remember what must stay marked this round.
     pub(crate) fn housekeep_begin(&self) -> Bitmap {
         let held = self.locks.held_ranges();
@@ -1525,6 +1569,7 @@ impl Association {
                 self.flush_failed(&e.to_string());
                 return;
             }
+            self.replica.release_cache();
         }
         let mut file = self.bitmap.lock().unwrap_or_else(|e| e.into_inner());
         let held = self.locks.held_ranges();
@@ -1600,16 +1645,32 @@ const SHIP_BATCH_RECORDS: usize = 64;
 /// … and bytes: space is freed for throttled writers at least this often.
 const SHIP_BATCH_BYTES: u64 = 4 << 20;
 
+/// A batch smaller than this makes the shipper wait `SHIP_LINGER` for more.
+const SHIP_LINGER_BELOW: usize = 16;
+const SHIP_LINGER: Duration = Duration::from_millis(1);
+/// Records this large (or larger) leave large folios in the replica's cache.
+const LARGE_RECORD: u64 = 64 << 10;
+
 fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
     let mut unflushed_bytes = 0u64;
     let mut unflushed_records = 0u64;
     let mut last_ckpt = Instant::now();
+    let large_applied = std::cell::Cell::new(false);
     loop {
-        let batch = journal.next_batch(
+        let mut batch = journal.next_batch(
             Duration::from_millis(100),
             SHIP_BATCH_RECORDS,
             SHIP_BATCH_BYTES,
         );
+        if !batch.is_empty()
+            && batch.len() < SHIP_LINGER_BELOW
+            && batch.iter().all(|p| p.kind != RecordKind::Flush)
+        {
+            // Caught up with the writers: let records gather instead of
+            // being woken for every few of them.
+            std::thread::sleep(SHIP_LINGER);
+            batch = journal.next_batch(Duration::ZERO, SHIP_BATCH_RECORDS, SHIP_BATCH_BYTES);
+        }
         let Some(a) = me.upgrade() else { return };
         if a.stopping.load(Ordering::SeqCst) && batch.is_empty() && a.shipper_may_exit(&journal) {
             return;
@@ -1621,6 +1682,12 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             if let Err(e) = a.replica.flush() {
                 a.fail(format!("replica flush failed: {e}"));
                 return false;
+            }
+            // Large records leave large folios behind, which make later
+            // small writes expensive (`FileDev::release_cache`); small
+            // records leave small ones, cheaper to keep than to recreate.
+            if large_applied.replace(false) {
+                a.replica.release_cache();
             }
             if let Err(e) = journal.checkpoint() {
                 tracing::warn!(assoc = a.id, error = %e, "journal checkpoint failed");
@@ -1697,6 +1764,9 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
                 exit = a.shipper_may_exit(&journal);
                 unmarked = None;
                 break;
+            }
+            if p.kind == RecordKind::Write && p.length >= LARGE_RECORD {
+                large_applied.set(true);
             }
             unmarked = Some(p.seq);
             unflushed_records += 1;

@@ -163,6 +163,12 @@ impl BlockDev for FaultDev {
         self.inner.as_ref().map(|d| d.caps()).unwrap_or_default()
     }
 
+    fn release_cache(&self) {
+        if let Some(d) = &self.inner {
+            d.release_cache();
+        }
+    }
+
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.before_write(false)?;
         self.inner()?.discard(offset, len)

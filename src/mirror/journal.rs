@@ -445,6 +445,11 @@ struct Segment {
     path: PathBuf,
     len: u64,
     file: Arc<File>,
+    /// Closed and known to be completely durable. A segment is not synced
+    /// when it is closed (that would stall every appender behind one
+    /// `fdatasync` of a whole segment); the next `sync_to` syncs it, and
+    /// a segment deleted after it was applied may never need it.
+    durable: bool,
 }
 
 #[derive(Debug)]
@@ -615,6 +620,7 @@ impl Journal {
                 path,
                 len: pos as u64,
                 file: Arc::new(file),
+                durable: false,
             });
         }
         crate::registry::fsync_dir(dir)?;
@@ -736,14 +742,6 @@ impl Journal {
         let seq = g.next_seq;
         encode_header(&mut rec, kind, fua, seq, offset, length);
         if need_new {
-            if g.open_tail {
-                // Everything in the old tail becomes durable before it stops
-                // being the file `sync_to` looks at.
-                if let Some(s) = g.segments.last() {
-                    s.file.sync_data()?;
-                }
-                g.synced_seq = seq - 1;
-            }
             let path = seg_path(&self.dir, seq);
             let file = OpenOptions::new()
                 .read(true)
@@ -757,6 +755,7 @@ impl Journal {
                 path,
                 len: 0,
                 file: Arc::new(file),
+                durable: false,
             });
             g.open_tail = true;
             g.dir_dirty = true;
@@ -952,15 +951,27 @@ impl Journal {
             return Ok(());
         }
         self.ensure_written(seq)?;
-        let (file, target, dir_dirty) = {
+        let (files, closed, target, dir_dirty) = {
             let mut g = self.locked();
             if g.synced_seq >= seq {
                 return Ok(());
             }
-            let file = g.segments.last().map(|s| s.file.clone());
+            // Every segment not known durable: closed ones that were never
+            // synced, and the tail (open or not).
+            let n = g.segments.len();
+            let mut files = Vec::new();
+            let mut closed = Vec::new();
+            for (i, s) in g.segments.iter().enumerate() {
+                let is_tail = i + 1 == n;
+                if is_tail || !s.durable {
+                    files.push(s.file.clone());
+                }
+                if !is_tail && !s.durable {
+                    closed.push(s.first_seq);
+                }
+            }
             let d = std::mem::take(&mut g.dir_dirty);
-            // Older segments were made durable when they were closed.
-            (file, g.written_seq, d)
+            (files, closed, g.written_seq, d)
         };
         if dir_dirty {
             if let Err(e) = crate::registry::fsync_dir(&self.dir) {
@@ -968,10 +979,17 @@ impl Journal {
                 return Err(e.into());
             }
         }
-        if let Some(f) = file {
+        for f in &files {
             f.sync_data()?;
         }
         let mut g = self.locked();
+        // Only segments that were already closed are complete: the tail
+        // may have taken more records after its sync.
+        for s in g.segments.iter_mut() {
+            if closed.contains(&s.first_seq) {
+                s.durable = true;
+            }
+        }
         g.synced_seq = g.synced_seq.max(target);
         Ok(())
     }
@@ -1443,14 +1461,23 @@ mod tests {
             6 * (HEADER_LEN as u64 + 100)
         );
         // Rotation (1000-byte segments) with records staged: the old tail
-        // is written and synced before the new segment starts.
+        // is written before the new segment starts, but synced only by the
+        // next `sync_to`, which syncs every closed segment not yet durable.
         for i in 0..20u64 {
             j.append(RecordKind::Write, false, i, 100, &[i as u8 + 50; 100])
                 .unwrap();
         }
-        assert!(j.locked().segments.len() > 1);
+        let closed_not_durable = |j: &Journal| {
+            let g = j.locked();
+            let n = g.segments.len();
+            g.segments[..n - 1].iter().filter(|s| !s.durable).count()
+        };
+        assert!(j.locked().segments.len() > 2);
+        assert!(closed_not_durable(&j) >= 2, "closing does not sync");
         let last = j.last_seq();
         j.sync_to(last).unwrap();
+        assert_eq!(closed_not_durable(&j), 0);
+        assert_eq!(j.locked().synced_seq, last);
         drop(j);
         let (j, rep) = Journal::open(dir.path(), cfg(1 << 30, 1000)).unwrap();
         assert_eq!((rep.pending, rep.stopped_at), (26, None));

@@ -24,8 +24,8 @@
 //! hold one region; attach/detach/mode changes quiesce the whole device.
 //! The layer never sees SCSI: byte ranges, FUA and flush only.
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::block::{
     check_range, BatchOp, BlockCaps, BlockDev, BlockError, BlockResult, FileExtent, SharedDev,
@@ -56,7 +56,13 @@ pub struct MirroredVolume {
     size: u64,
     locks: Arc<RangeLock>,
     assocs: RwLock<AssocList>,
+    /// When the last housekeeping round flushed (see [`Self::housekeep`]).
+    last_round: Mutex<Instant>,
 }
+
+/// A housekeeping round that can clear marks of idle regions runs at
+/// least this often, even when most marked regions are still being written.
+const HOUSEKEEPING_MAX_DEFER: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for MirroredVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,6 +100,7 @@ impl MirroredVolume {
             size,
             locks: Arc::new(RangeLock::new()),
             assocs: RwLock::new(Arc::new(Vec::new())),
+            last_round: Mutex::new(Instant::now()),
         })
     }
 
@@ -284,12 +291,26 @@ impl MirroredVolume {
 
     /// One activity-log housekeeping round: flush, then clear the marks of
     /// regions with no write since the previous round. The registry calls
-    /// this periodically and (twice) at shutdown.
+    /// this periodically and (twice) at shutdown. A round that would clear
+    /// too little to pay for its flushes is skipped
+    /// (`Association::housekeeping_pays`): two calls in a row on an idle
+    /// volume always clear every mark that is not needed.
     pub fn housekeep(&self) {
         let list = self.list();
         if !list.iter().any(|a| a.needs_housekeeping()) {
             return;
         }
+        let overdue = {
+            let last = self.last_round.lock().unwrap_or_else(|e| e.into_inner());
+            last.elapsed() >= HOUSEKEEPING_MAX_DEFER
+        };
+        if !list.iter().any(|a| a.housekeeping_pays(overdue)) {
+            for a in list.iter() {
+                a.housekeep_skip();
+            }
+            return;
+        }
+        *self.last_round.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         let keeps: Vec<_> = list.iter().map(|a| a.housekeep_begin()).collect();
         let flushed = match self.primary.flush() {
             Ok(()) => true,
