@@ -324,6 +324,19 @@ fn failing_replica_goes_broken_host_writes_succeed_resync_repairs() {
     d.stop();
 }
 
+/// A mounted filesystem, lazily unmounted when dropped — also when the
+/// test fails, so that no mount outlives it.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 /// A replica file on a real, small, full filesystem (tmpfs), when the
 /// test may mount one; otherwise the ENOSPC is injected.
 #[test]
@@ -337,6 +350,9 @@ fn replica_on_a_full_filesystem() {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
+    // Declared after `dir` and before the daemon: dropped after the daemon
+    // stopped and before the directory is removed.
+    let _mount = mounted.then(|| Mount(mnt.clone()));
     let d = if mounted {
         Daemon::start(dir.path(), test_config(), &[("lun0", SIZE, true)])
     } else {
@@ -371,9 +387,6 @@ fn replica_on_a_full_filesystem() {
         .write_at(b"still fine", 0, WriteFlags::default())
         .unwrap();
     d.stop();
-    if mounted {
-        let _ = std::process::Command::new("umount").arg(&mnt).status();
-    }
 }
 
 #[test]
