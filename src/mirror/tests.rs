@@ -674,15 +674,21 @@ fn batches_pass_through_without_associations_and_are_mirrored_with_one() {
     assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
 }
 
-/// A primary that reports every range unmapped, as a sparse file would.
-struct AllHoles(Arc<MemDev>);
+/// A primary over a `MemDev` that answers like a file would: every range
+/// unmapped (a sparse file), and/or a file range for every read (a
+/// buffered file; the file is a stand-in, only the decision is under test).
+struct FileLike {
+    mem: Arc<MemDev>,
+    all_holes: bool,
+    extent_file: Option<Arc<std::fs::File>>,
+}
 
-impl BlockDev for AllHoles {
+impl BlockDev for FileLike {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.mem.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::block::BlockResult<()> {
-        self.0.read_at(buf, offset)
+        self.mem.read_at(buf, offset)
     }
     fn write_at(
         &self,
@@ -690,23 +696,49 @@ impl BlockDev for AllHoles {
         offset: u64,
         flags: WriteFlags,
     ) -> crate::block::BlockResult<()> {
-        self.0.write_at(buf, offset, flags)
+        self.mem.write_at(buf, offset, flags)
     }
     fn flush(&self) -> crate::block::BlockResult<()> {
-        self.0.flush()
+        self.mem.flush()
     }
     fn caps(&self) -> crate::block::BlockCaps {
-        self.0.caps()
+        self.mem.caps()
     }
-    fn allocation(&self, _offset: u64, len: u64) -> crate::block::BlockResult<(bool, u64)> {
-        Ok((false, len))
+    fn allocation(&self, offset: u64, len: u64) -> crate::block::BlockResult<(bool, u64)> {
+        if self.all_holes {
+            Ok((false, len))
+        } else {
+            self.mem.allocation(offset, len)
+        }
+    }
+    fn file_extent(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> crate::block::BlockResult<Option<crate::block::FileExtent>> {
+        crate::block::check_range(self.size(), offset, len)?;
+        Ok(self
+            .extent_file
+            .as_ref()
+            .map(|file| crate::block::FileExtent {
+                file: file.clone(),
+                offset,
+                len,
+            }))
     }
 }
 
 #[test]
 fn allocation_reports_regions_not_restored_yet_as_mapped() {
     let mut r = rig(16 * RS);
-    r.vol = MirroredVolume::new("lun0", Arc::new(AllHoles(r.primary.clone())));
+    r.vol = MirroredVolume::new(
+        "lun0",
+        Arc::new(FileLike {
+            mem: r.primary.clone(),
+            all_holes: true,
+            extent_file: None,
+        }),
+    );
     let a = attach(&r, CopyType::Sync, policy());
     run_copy(&a);
     let q = r.vol.quiesce(Duration::from_secs(1)).unwrap();
@@ -730,50 +762,18 @@ fn allocation_reports_regions_not_restored_yet_as_mapped() {
     assert_eq!(r.vol.allocation(0, 16 * RS).unwrap(), (false, 16 * RS));
 }
 
-/// A primary that names a file range for every read, as a buffered file
-/// does (the file is a stand-in: only the decision is under test).
-struct ExtentDev(Arc<MemDev>, Arc<std::fs::File>);
-
-impl BlockDev for ExtentDev {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::block::BlockResult<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(
-        &self,
-        buf: &[u8],
-        offset: u64,
-        flags: WriteFlags,
-    ) -> crate::block::BlockResult<()> {
-        self.0.write_at(buf, offset, flags)
-    }
-    fn flush(&self) -> crate::block::BlockResult<()> {
-        self.0.flush()
-    }
-    fn caps(&self) -> crate::block::BlockCaps {
-        self.0.caps()
-    }
-    fn file_extent(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> crate::block::BlockResult<Option<crate::block::FileExtent>> {
-        crate::block::check_range(self.size(), offset, len)?;
-        Ok(Some(crate::block::FileExtent {
-            file: self.1.clone(),
-            offset,
-            len,
-        }))
-    }
-}
-
 #[test]
 fn file_extent_comes_from_the_primary_unless_a_restore_is_pending() {
     let mut r = rig(16 * RS);
     let file = Arc::new(tempfile::tempfile().unwrap());
-    r.vol = MirroredVolume::new("lun0", Arc::new(ExtentDev(r.primary.clone(), file)));
+    r.vol = MirroredVolume::new(
+        "lun0",
+        Arc::new(FileLike {
+            mem: r.primary.clone(),
+            all_holes: false,
+            extent_file: Some(file),
+        }),
+    );
     let some = |off: u64, len: u64| r.vol.file_extent(off, len).unwrap().is_some();
     // Without associations, and with a synchronized one: the primary's.
     assert!(some(0, 16 * RS));
