@@ -304,23 +304,7 @@ fn pipelined(ini: &mut Initiator, reads: &[(u64, u32, u32)], attr: TaskAttribute
         let status = match &p.header {
             Bhs::DataIn(d) => {
                 let i = itts.iter().position(|&t| t == d.itt).expect("known ITT");
-                let x = &mut done[i];
-                assert_eq!(d.buffer_offset as usize, x.data.len(), "Data-In in order");
-                x.data_ins.push((
-                    d.data_sn,
-                    d.buffer_offset,
-                    p.data.len() as u32,
-                    d.fin,
-                    d.status_present,
-                ));
-                x.data.extend_from_slice(&p.data);
-                if d.status_present {
-                    x.status = d.status;
-                    x.residual = d.residual;
-                    x.overflow = d.overflow;
-                    x.underflow = d.underflow;
-                }
-                d.status_present
+                done[i].absorb_data_in(d, &p.data)
             }
             Bhs::ScsiResponse(r) => {
                 let i = itts.iter().position(|&t| t == r.itt).expect("known ITT");

@@ -382,7 +382,18 @@ impl Conn {
             if let OutData::File { file, offset, len } = &p.data {
                 write_all_vectored(&self.stream, &slices, true)?;
                 slices.clear();
+                // Counted before the send (and taken back if it fails):
+                // once the bytes are out the initiator may act on them
+                // before this thread runs again, and tests read the counts.
+                self.sent_by_ref.fetch_add(*len as u64, Ordering::Relaxed);
+                self.shared
+                    .sent_by_ref
+                    .fetch_add(*len as u64, Ordering::Relaxed);
                 if let Err(e) = send_file(&self.stream, file, *offset, *len) {
+                    self.sent_by_ref.fetch_sub(*len as u64, Ordering::Relaxed);
+                    self.shared
+                        .sent_by_ref
+                        .fetch_sub(*len as u64, Ordering::Relaxed);
                     if socket_side(&e) {
                         tracing::debug!(conn = self.id, "sendfile to the peer failed: {e}");
                     } else {
@@ -396,10 +407,6 @@ impl Conn {
                     }
                     return Err(e);
                 }
-                self.sent_by_ref.fetch_add(*len as u64, Ordering::Relaxed);
-                self.shared
-                    .sent_by_ref
-                    .fetch_add(*len as u64, Ordering::Relaxed);
                 let pad = pad_len(*len);
                 if pad > 0 {
                     slices.push(IoSlice::new(&ZEROS[..pad]));

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use lunmirror::iscsi::pdu::{
-    Bhs, DataOut, FrameConfig, LoginRequest, Lun, Pdu, PduError, Prefix, ScsiCommand,
+    Bhs, DataIn, DataOut, FrameConfig, LoginRequest, Lun, Pdu, PduError, Prefix, ScsiCommand,
     TaskAttribute, BHS_LEN, RESERVED_TAG,
 };
 use lunmirror::iscsi::text::{encode_text, parse_text};
@@ -56,6 +56,33 @@ pub struct Done {
     pub data_ins: Vec<(u32, u32, u32, bool, bool)>,
     /// (R2TSN, offset, len) of every R2T.
     pub r2ts: Vec<(u32, u32, u32)>,
+}
+
+impl Done {
+    /// Take one Data-In of this command (which must continue the data in
+    /// order); returns whether it carried the status.
+    pub fn absorb_data_in(&mut self, d: &DataIn, data: &[u8]) -> bool {
+        assert_eq!(
+            d.buffer_offset as usize,
+            self.data.len(),
+            "Data-In in order"
+        );
+        self.data_ins.push((
+            d.data_sn,
+            d.buffer_offset,
+            data.len() as u32,
+            d.fin,
+            d.status_present,
+        ));
+        self.data.extend_from_slice(data);
+        if d.status_present {
+            self.status = d.status;
+            self.overflow = d.overflow;
+            self.underflow = d.underflow;
+            self.residual = d.residual;
+        }
+        d.status_present
+    }
 }
 
 pub fn default_keys(target: &str) -> Vec<(String, String)> {
@@ -423,24 +450,7 @@ impl Initiator {
                 }
                 Bhs::DataIn(d) => {
                     assert_eq!(d.itt, itt);
-                    assert_eq!(
-                        d.buffer_offset as usize,
-                        done.data.len(),
-                        "Data-In in order"
-                    );
-                    done.data_ins.push((
-                        d.data_sn,
-                        d.buffer_offset,
-                        p.data.len() as u32,
-                        d.fin,
-                        d.status_present,
-                    ));
-                    done.data.extend_from_slice(&p.data);
-                    if d.status_present {
-                        done.status = d.status;
-                        done.overflow = d.overflow;
-                        done.underflow = d.underflow;
-                        done.residual = d.residual;
+                    if done.absorb_data_in(&d, &p.data) {
                         return done;
                     }
                 }
