@@ -590,6 +590,14 @@ fn block_device_size(file: &File) -> BlockResult<u64> {
 /// A second descriptor for the same open file (not the path, which may have
 /// been renamed or replaced since) with `O_DSYNC`, so that each write on it
 /// is durable when it returns.
+/// Read exactly `buf.len()` bytes of `file` at `offset` as a [`FileDev`]
+/// does: short reads continued, EINTR retried, bytes past the file's end
+/// read as zeroes. For holders of a [`FileExtent`] that need its bytes in
+/// memory after all.
+pub fn read_file_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    sync::read(file, buf, offset)
+}
+
 fn reopen_dsync(file: &File, direct: i32) -> Option<File> {
     let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
     match OpenOptions::new()

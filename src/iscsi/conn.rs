@@ -22,7 +22,6 @@ use std::fs::File;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -104,15 +103,7 @@ impl OutData {
             return Ok(self);
         };
         let mut buf = vec![0u8; len];
-        let mut done = 0usize;
-        while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
-            match file.read_at(rest, offset.saturating_add(done as u64)) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        crate::block::file::read_file_at(&file, &mut buf, offset)?;
         Ok(OutData::Owned(buf))
     }
 }
@@ -2410,4 +2401,29 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
         conn.flush();
     }
     acts.run();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The digest fallback reads a file segment into memory with the
+    /// device's semantics: the range's bytes, zeroes past the file's end.
+    #[test]
+    fn a_file_segment_read_into_memory_is_its_bytes_then_zeroes() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"0123456789").unwrap();
+        let seg = OutData::File {
+            file: Arc::new(f),
+            offset: 4,
+            len: 10,
+        };
+        assert_eq!(seg.len(), 10);
+        let OutData::Owned(v) = seg.into_memory().unwrap() else {
+            panic!("not read into memory");
+        };
+        assert_eq!(v, b"456789\0\0\0\0");
+        let mem = OutData::Owned(b"abc".to_vec()).into_memory().unwrap();
+        assert_eq!(mem.bytes(), b"abc");
+    }
 }
