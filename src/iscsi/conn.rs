@@ -136,6 +136,9 @@ struct OutQueue {
     writing: bool,
     stat_sn: u32,
     dead: bool,
+    /// Threads in `flush_and_wait` (rarely any): the writer wakes them only
+    /// then, not with a `futex` system call after every flush.
+    idle_waiters: u32,
 }
 
 /// Largest command (data in or out) the reader runs itself (see
@@ -293,7 +296,9 @@ impl Conn {
             }
             if q.pending.is_empty() {
                 q.writing = false;
-                self.out_idle.notify_all();
+                if q.idle_waiters > 0 {
+                    self.out_idle.notify_all();
+                }
                 return;
             }
         }
@@ -316,10 +321,12 @@ impl Conn {
             if now >= deadline {
                 break;
             }
+            q.idle_waiters += 1;
             q = match self.out_idle.wait_timeout(q, deadline - now) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
             };
+            q.idle_waiters -= 1;
         }
     }
 
@@ -469,7 +476,7 @@ impl Conn {
             release_blocked(&mut st, &mut acts);
             self.session.publish(&st.window);
             drop(st);
-            self.session.changed.notify_all();
+            self.session.notify_changed();
             acts.run();
             return;
         }
@@ -955,6 +962,7 @@ fn attach(
             writing: false,
             stat_sn: next_stat_sn,
             dead: false,
+            idle_waiters: 0,
         }),
         out_idle: Condvar::new(),
         session: session.clone(),
@@ -1049,7 +1057,7 @@ fn teardown(conn: &Arc<Conn>, end: &End) {
         }
         session.publish(&st.window);
     }
-    session.changed.notify_all();
+    session.notify_changed();
     released.run();
     {
         let mut q = conn.lock_out();
@@ -1949,7 +1957,7 @@ fn abort_where(s: &Session, pick: impl FnMut(u32, &Task) -> bool) -> Vec<u32> {
         s.publish(&st.window);
         r
     };
-    s.changed.notify_all();
+    s.notify_changed();
     running
 }
 
@@ -1991,7 +1999,7 @@ fn handle_tmf(conn: &Arc<Conn>, t: TaskMgmtRequest) {
             };
             session.publish(&st.window);
             drop(st);
-            session.changed.notify_all();
+            session.notify_changed();
             r
         }
         TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet if !lun_exists => {
@@ -2396,7 +2404,7 @@ fn run_job(conn: &Arc<Conn>, mut job: ScsiJob) {
             conn.push_all(pdus);
         }
     }
-    session.changed.notify_all();
+    session.notify_changed();
     if !conn.defer_flush() {
         conn.flush();
     }

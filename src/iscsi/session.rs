@@ -877,8 +877,15 @@ pub struct Session {
     pub params: SessionParams,
     pub limits: DataOutLimits,
     state: Mutex<SessionState>,
-    /// Signalled whenever a task leaves the table.
-    pub changed: Condvar,
+    /// Signalled (`notify_changed`) whenever a task leaves the table.
+    changed: Condvar,
+    /// Threads inside `wait_until`. Almost never any (a TMF, a logout or a
+    /// closing connection waiting for tasks to end), so the completion of
+    /// every command would otherwise pay a `futex` wake-up system call for
+    /// nobody. Counted under the state lock before waiting: a notifier
+    /// changes the state under that lock and reads the count after it, so
+    /// it cannot miss a waiter that saw the old state.
+    changed_waiters: AtomicUsize,
     /// ExpCmdSN (low half) and MaxCmdSN (high half), readable without the
     /// lock for stamping outgoing PDUs.
     sn: AtomicU64,
@@ -913,6 +920,7 @@ impl Session {
             limits,
             state: Mutex::new(SessionState::new(window)),
             changed: Condvar::new(),
+            changed_waiters: AtomicUsize::new(0),
             sn: AtomicU64::new(0),
             buffered: Arc::new(AtomicUsize::new(0)),
             ordered_seen: AtomicBool::new(false),
@@ -970,10 +978,20 @@ impl Session {
             if now >= deadline {
                 return (guard, false);
             }
+            self.changed_waiters.fetch_add(1, Ordering::SeqCst);
             guard = match self.changed.wait_timeout(guard, deadline - now) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
             };
+            self.changed_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Wake the threads in [`Self::wait_until`], if any. Call after the
+    /// change was made under the state lock (and, usually, released).
+    pub fn notify_changed(&self) {
+        if self.changed_waiters.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_all();
         }
     }
 }
