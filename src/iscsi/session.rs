@@ -1039,6 +1039,45 @@ mod tests {
     }
 
     #[test]
+    fn notify_changed_wakes_a_waiter_and_costs_nothing_without_one() {
+        let s = Arc::new(Session::new(
+            1,
+            [0; 6],
+            "iqn.2026-11.test:waiter".into(),
+            SessionKind::Discovery,
+            SessionParams::default(),
+            CmdWindow::new(1, 32),
+        ));
+        // Nobody waits: the count is zero and a notification is a no-op.
+        s.notify_changed();
+        assert_eq!(s.changed_waiters.load(Ordering::SeqCst), 0);
+        let waiter = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let (_g, done) =
+                    s.wait_until(s.lock(), std::time::Duration::from_secs(120), |st| {
+                        st.closing
+                    });
+                (done, started.elapsed())
+            })
+        };
+        while s.changed_waiters.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        s.lock().closing = true;
+        s.notify_changed();
+        let (done, waited) = waiter.join().unwrap();
+        assert!(done);
+        // Woken by the notification, not by the end of its 120 s timeout.
+        assert!(
+            waited < std::time::Duration::from_secs(60),
+            "waited {waited:?}"
+        );
+        assert_eq!(s.changed_waiters.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
     fn window_delivers_in_order_holds_gaps_drops_outside() {
         let mut st = SessionState::new(CmdWindow::new(10, 4));
         assert_eq!(st.window.room(), 4);
