@@ -1039,7 +1039,7 @@ mod tests {
     }
 
     #[test]
-    fn notify_changed_wakes_a_waiter_and_costs_nothing_without_one() {
+    fn notify_changed_wakes_a_waiter_and_counts_it() {
         let s = Arc::new(Session::new(
             1,
             [0; 6],
@@ -1048,7 +1048,7 @@ mod tests {
             SessionParams::default(),
             CmdWindow::new(1, 32),
         ));
-        // Nobody waits: the count is zero and a notification is a no-op.
+        // Nobody waits yet (the wait below relies on the count starting at 0).
         s.notify_changed();
         assert_eq!(s.changed_waiters.load(Ordering::SeqCst), 0);
         let waiter = {
