@@ -21,6 +21,8 @@ pub struct FaultDev {
     no_space: AtomicBool,
     gate_closed: Mutex<bool>,
     gate: Condvar,
+    flush_gate_closed: Mutex<bool>,
+    flush_gate: Condvar,
     write_delay_us: AtomicU64,
     writes: AtomicU64,
     flushes: AtomicU64,
@@ -52,6 +54,8 @@ impl FaultDev {
             no_space: AtomicBool::new(false),
             gate_closed: Mutex::new(false),
             gate: Condvar::new(),
+            flush_gate_closed: Mutex::new(false),
+            flush_gate: Condvar::new(),
             write_delay_us: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -90,6 +94,14 @@ impl FaultDev {
     pub fn set_gate(&self, closed: bool) {
         *self.gate_closed.lock().unwrap_or_else(|e| e.into_inner()) = closed;
         self.gate.notify_all();
+    }
+    /// Closed: flushes block until it opens again.
+    pub fn set_flush_gate(&self, closed: bool) {
+        *self
+            .flush_gate_closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = closed;
+        self.flush_gate.notify_all();
     }
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::SeqCst)
@@ -152,6 +164,17 @@ impl BlockDev for FaultDev {
     }
 
     fn flush(&self) -> BlockResult<()> {
+        let mut closed = self
+            .flush_gate_closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        while *closed {
+            closed = self
+                .flush_gate
+                .wait(closed)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        drop(closed);
         if self.fail_flush.load(Ordering::SeqCst) {
             return Err(injected("flush"));
         }

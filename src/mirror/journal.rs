@@ -509,6 +509,8 @@ pub struct Journal {
     /// Signalled when a leader finished writing (for `write_waiters`).
     written: Condvar,
     sync_lock: Mutex<()>,
+    /// Held while `head` is read from the state and written to its file.
+    head_lock: Mutex<()>,
 }
 
 fn seg_path(dir: &Path, first_seq: u64) -> PathBuf {
@@ -658,6 +660,7 @@ impl Journal {
             data: Condvar::new(),
             written: Condvar::new(),
             sync_lock: Mutex::new(()),
+            head_lock: Mutex::new(()),
         };
         Ok((j, report))
     }
@@ -1131,12 +1134,24 @@ impl Journal {
     /// durably in `head`, then delete segments that hold only applied
     /// records.
     pub fn checkpoint(&self) -> Result<(), JournalError> {
+        self.checkpoint_to(u64::MAX)
+    }
+
+    /// [`Journal::checkpoint`] for a replica flush that began when `seq`
+    /// was the last applied record: the shipper goes on applying while a
+    /// background checkpoint flushes, and what it applied meanwhile is not
+    /// covered by that flush. `head` never moves backwards.
+    pub fn checkpoint_to(&self, seq: u64) -> Result<(), JournalError> {
+        // One `head` writer at a time: a checkpoint that read an older
+        // position must not overwrite a newer one (`drain` writes it too).
+        let _head = self.head_lock.lock().unwrap_or_else(|e| e.into_inner());
         let applied = {
             let g = self.locked();
-            if g.applied_seq == g.head_seq {
+            let applied = g.applied_seq.min(seq);
+            if applied <= g.head_seq {
                 return Ok(());
             }
-            g.applied_seq
+            applied
         };
         crate::registry::atomic_write(&self.dir.join("head"), format!("{applied}\n").as_bytes())?;
         let mut g = self.locked();
@@ -1192,6 +1207,7 @@ impl Journal {
         self.space.notify_all();
         self.written.notify_all();
         // `head` first: after a crash in between, replay skips what is left.
+        let _head = self.head_lock.lock().unwrap_or_else(|e| e.into_inner());
         crate::registry::atomic_write(&self.dir.join("head"), format!("{applied}\n").as_bytes())?;
         let mut g = self.locked();
         g.head_seq = applied;
@@ -1364,6 +1380,26 @@ mod tests {
         j.mark_applied(a.seq);
         let b = j.next_pending(Duration::ZERO).unwrap();
         assert_eq!((b.offset, b.length), (4096 + u64::from(MAX_DATA), 1000));
+    }
+
+    #[test]
+    fn checkpoint_to_covers_only_what_the_flush_covered_and_never_goes_back() {
+        let d = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(d.path(), cfg(1 << 20, 1 << 20)).unwrap();
+        for i in 0..5u64 {
+            j.append_write(false, i * 4096, &[i as u8; 4096]).unwrap();
+        }
+        j.mark_applied(5);
+        // A flush that began after record 3 was applied covers up to 3.
+        j.checkpoint_to(3).unwrap();
+        assert_eq!(read_head(d.path()), 3);
+        // A late checkpoint of an older flush does not move `head` back.
+        j.checkpoint_to(2).unwrap();
+        assert_eq!(read_head(d.path()), 3);
+        j.checkpoint().unwrap();
+        assert_eq!(read_head(d.path()), 5);
+        j.checkpoint_to(4).unwrap();
+        assert_eq!(read_head(d.path()), 5);
     }
 
     #[test]

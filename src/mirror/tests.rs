@@ -278,6 +278,38 @@ fn async_host_write_does_not_wait_for_the_replica() {
 }
 
 #[test]
+fn async_periodic_checkpoint_does_not_stop_shipping() {
+    let r = rig(64 * RS);
+    let p = MirrorPolicy {
+        checkpoint_bytes: 4 * RS,
+        checkpoint_interval: Duration::from_secs(3600),
+        ..policy()
+    };
+    let a = attach(&r, CopyType::Async, p);
+    run_copy(&a);
+    assert!(a.wait_lag_zero(Duration::from_secs(5)));
+    // The replica's flushes hang: the first checkpoint (after 4 records)
+    // stays in its flush while the shipper applies the rest.
+    r.replica.set_flush_gate(true);
+    let flushes = r.replica.flushes();
+    for i in 0..32u64 {
+        w(&r.vol, &pattern(i as u8, RS as usize), (i * 7 % 60) * RS);
+    }
+    assert!(
+        a.wait_lag_zero(Duration::from_secs(5)),
+        "records applied while a checkpoint flushes"
+    );
+    assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
+    assert_eq!(r.replica.flushes(), flushes, "the flush is still held");
+    r.replica.set_flush_gate(false);
+    // The held checkpoint completes; a host flush still reaches the replica.
+    r.vol.flush().unwrap();
+    assert!(a.wait_lag_zero(Duration::from_secs(5)));
+    assert!(r.replica.flushes() > flushes);
+    assert_eq!(a.state(), SyncState::Synchronized);
+}
+
+#[test]
 fn async_full_journal_throttles_then_breaks_and_resync_repairs() {
     let r = rig(64 * RS);
     let p = MirrorPolicy {
