@@ -1864,55 +1864,49 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             unmarked = Some(p.seq);
             unflushed_records += 1;
             unflushed_bytes += p.length;
-            if p.kind == RecordKind::Flush {
-                // The host's flush: the replica holds everything before it
-                // durably before anything after it is applied.
-                if let Some(seq) = unmarked.take() {
-                    journal.mark_applied(seq);
-                }
-                if !checkpoint(
-                    &a,
-                    &mut background,
-                    &mut unflushed_records,
-                    &mut unflushed_bytes,
-                ) {
-                    exit = a.shipper_may_exit(&journal);
-                    break;
-                }
-                last_ckpt = Instant::now();
-            } else if (unflushed_bytes >= a.policy.checkpoint_bytes
+            let periodic = (unflushed_bytes >= a.policy.checkpoint_bytes
                 || last_ckpt.elapsed() >= a.policy.checkpoint_interval)
-                && !background.busy()
-            {
+                && !background.busy();
+            if p.kind != RecordKind::Flush && !periodic {
+                continue;
+            }
+            if let Some(seq) = unmarked.take() {
+                journal.mark_applied(seq);
+            }
+            // The host's flush is checkpointed here: the replica holds
+            // everything before it durably before anything after it is
+            // applied. A periodic checkpoint runs beside the shipper.
+            let mut in_background = false;
+            if p.kind != RecordKind::Flush {
                 if let Some(Err(why)) = background.collect(true) {
                     a.fail(why);
                     exit = a.shipper_may_exit(&journal);
                     break;
                 }
-                if let Some(seq) = unmarked.take() {
-                    journal.mark_applied(seq);
-                }
                 let large = large_applied.replace(false);
-                let started =
-                    background.start(a.id, a.replica.clone(), journal.clone(), p.seq, large);
-                if let Err(e) = started {
-                    // No thread: checkpoint here, as before.
-                    tracing::warn!(assoc = a.id, error = %e, "checkpoint thread not started");
-                    large_applied.set(large);
-                    if !checkpoint(
-                        &a,
-                        &mut background,
-                        &mut unflushed_records,
-                        &mut unflushed_bytes,
-                    ) {
-                        exit = a.shipper_may_exit(&journal);
-                        break;
+                match background.start(a.id, a.replica.clone(), journal.clone(), p.seq, large) {
+                    Ok(()) => in_background = true,
+                    Err(e) => {
+                        // No thread: checkpoint here, as before.
+                        tracing::warn!(assoc = a.id, error = %e, "checkpoint thread not started");
+                        large_applied.set(large);
                     }
                 }
-                unflushed_records = 0;
-                unflushed_bytes = 0;
-                last_ckpt = Instant::now();
             }
+            if !in_background
+                && !checkpoint(
+                    &a,
+                    &mut background,
+                    &mut unflushed_records,
+                    &mut unflushed_bytes,
+                )
+            {
+                exit = a.shipper_may_exit(&journal);
+                break;
+            }
+            unflushed_records = 0;
+            unflushed_bytes = 0;
+            last_ckpt = Instant::now();
         }
         if let Some(seq) = unmarked {
             journal.mark_applied(seq);
