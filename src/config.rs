@@ -202,6 +202,11 @@ pub struct DaemonConfig {
     /// Large plain READs of file-backed LUNs are sent from the page cache
     /// with `sendfile(2)` (no copy through a buffer). Default on.
     pub zero_copy_read: bool,
+    /// Async associations: writers apply their own small records to the
+    /// replica while the shipper is caught up (`mirror::journal`, "Inline
+    /// apply"). Default off: a hung replica then holds the host writes
+    /// being applied inline.
+    pub async_inline_apply: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,6 +319,7 @@ struct RawDaemon {
     log_level: Option<String>,
     engine: Option<String>,
     zero_copy_read: Option<bool>,
+    async_inline_apply: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -833,6 +839,7 @@ fn validate(raw: RawFile, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
             log_level: raw.daemon.log_level,
             engine,
             zero_copy_read: raw.daemon.zero_copy_read.unwrap_or(true),
+            async_inline_apply: raw.daemon.async_inline_apply.unwrap_or(false),
         },
         targets,
         tcmu,
@@ -1666,6 +1673,18 @@ volume = "other"
             "{w:?}"
         );
         assert!(!format!("{:?}", c.targets[0].chap).contains("short"));
+    }
+
+    #[test]
+    fn async_inline_apply_defaults_off_and_can_be_turned_on() {
+        assert!(!parse(MIN).unwrap().daemon.async_inline_apply);
+        let c = parse(&format!("[daemon]\nasync_inline_apply = true\n{MIN}")).unwrap();
+        assert!(c.daemon.async_inline_apply);
+        rejects(
+            &format!("[daemon]\nasync_inline_apply = 1\n{MIN}"),
+            "daemon.async_inline_apply",
+            "",
+        );
     }
 
     #[test]

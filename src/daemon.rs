@@ -568,7 +568,9 @@ pub fn serve(cfg: Config, signals: SigSet, out: &mut dyn Write) -> Result<(), Da
     let resolved = preflight(&cfg)?;
     let lock = StateLock::acquire(&cfg.daemon.state_dir)?;
     info!(state_dir = %cfg.daemon.state_dir.display(), lock = %lock.path().display(), "state dir locked");
-    let registry = Registry::open(&cfg.daemon.state_dir)
+    let mut reg_cfg = crate::registry::RegistryConfig::default();
+    reg_cfg.policy.journal.inline_apply = cfg.daemon.async_inline_apply;
+    let registry = Registry::open_with(&cfg.daemon.state_dir, reg_cfg)
         .map_err(|e| DaemonError::runtime("cannot open the replication registry", e))?;
     let volumes = open_volumes(&cfg, &resolved)?;
     let volumes = mirror_volumes(&registry, volumes)?;

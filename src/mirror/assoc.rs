@@ -1780,7 +1780,20 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             *bytes = 0;
             true
         };
+        let (records, bytes) = journal.take_inline_applied();
+        unflushed_records += records;
+        unflushed_bytes += bytes;
         if batch.is_empty() {
+            // With records applied inline by their writers, an empty batch
+            // does not mean the volume is idle.
+            if records > 0
+                && journal.is_shipping()
+                && unflushed_bytes < a.policy.checkpoint_bytes
+                && last_ckpt.elapsed() < a.policy.checkpoint_interval
+            {
+                // Writers are applying their records themselves.
+                continue;
+            }
             if !journal.is_shipping() {
                 // Stopped: leave the journal as it is for the next start.
                 let _ = checkpoint(

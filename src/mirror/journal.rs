@@ -34,6 +34,38 @@
 //! replay of what the file holds). Records acknowledged by a FUA write or a
 //! flush are always in the file and durable.
 //!
+//! ## Inline apply
+//! While the shipper has nothing older to apply, a small plain write
+//! ([`INLINE_APPLY_MAX`], not FUA) is *claimed* at append: its writer
+//! applies it to the replica right after the primary write, from the host's
+//! buffer, before the host sees the completion
+//! ([`Journal::append_write_inline`], [`InlineClaim`]). The record is
+//! journaled as any other (same file, same replay), the shipper is not
+//! woken for it, and it leaves the pending queue as soon as it and every
+//! older record are applied. That spares the shipper's wake-up, its second
+//! pass over the record and the thread handoff, which on a busy machine
+//! cost more than the replica write itself.
+//!
+//! Order is kept by one rule: a record is claimed only when every older
+//! pending record is itself claimed (being applied by its writer, or done).
+//! Those writers have not completed to the host yet, so the new write
+//! cannot depend on them, and SCSI leaves concurrent writes unordered;
+//! overlapping writes are serialised by the source's range lock anyway.
+//! Once one record waits for the shipper, later records wait behind it, and
+//! the shipper stops at a record that is still being applied inline
+//! ([`Journal::next_batch`]), so `applied_seq` never passes an unapplied
+//! record. A claim that ends without the replica write (primary error,
+//! replica error, unwinding) hands the record to the shipper, which retries
+//! it and fails the association as for any record. Async keeps its
+//! purpose: a failed, stalled (20 ms) or slow (1 ms moving mean) inline
+//! write pauses inline apply for a second, so a replica that slows down
+//! stops adding its latency to host writes, and large or FUA writes are
+//! never applied inline. The price is the guarantee that a host write
+//! never waits for the replica: a replica write that *hangs* (rather than
+//! slows) holds the host writes being applied inline at that moment (later
+//! ones go to the shipper), so it is off unless configured
+//! ([`JournalConfig::inline_apply`], `daemon.async_inline_apply`).
+//!
 //! ## On-disk format
 //! A journal is a directory of segment files `<first-seq>.jnl` (20 decimal
 //! digits) plus `head` (the last sequence number known to be applied *and*
@@ -283,6 +315,10 @@ pub struct JournalConfig {
     /// Bytes of pending records whose data is kept in memory for the
     /// shipper (beyond that, records are read back from the file).
     pub memory_cap: u64,
+    /// Writers apply their own small records while the shipper has
+    /// nothing older to apply (see "Inline apply" in the module docs).
+    /// Off by default (`daemon.async_inline_apply`).
+    pub inline_apply: bool,
 }
 
 impl Default for JournalConfig {
@@ -292,6 +328,7 @@ impl Default for JournalConfig {
             segment_size: 64 << 20,
             throttle_timeout: Duration::from_secs(30),
             memory_cap: 64 << 20,
+            inline_apply: false,
         }
     }
 }
@@ -310,6 +347,21 @@ pub struct PendingRecord {
     enqueued: Instant,
     /// The encoded record (header + data), while it is kept in memory.
     mem: Option<Arc<Vec<u8>>>,
+    /// Who applies it (see "Inline apply" in the module docs).
+    applier: Applier,
+}
+
+/// Who applies a pending record to the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applier {
+    /// Nobody yet: the shipper will.
+    Nobody,
+    /// Handed to the shipper by [`Journal::next_batch`].
+    Shipper,
+    /// Its writer is applying it ([`Journal::append_write_inline`]).
+    Inline,
+    /// Applied by its writer; popped as soon as it is the oldest.
+    InlineDone,
 }
 
 impl PendingRecord {
@@ -342,6 +394,16 @@ const WRITE_BATCH_BYTES: u64 = 256 << 10;
 /// How many rounds a leader writes before it leaves the staged records to
 /// the next appender (bounds the latency added to the leader's own write).
 const LEAD_ROUNDS: usize = 4;
+
+/// Largest record its writer applies inline (larger ones take long enough
+/// on the replica that the host should not wait for it).
+pub const INLINE_APPLY_MAX: u64 = 128 << 10;
+/// Inline apply pauses for `INLINE_PAUSE` when the moving mean of its
+/// replica writes passes `INLINE_SLOW_MEAN` (single writes are often
+/// longer: the writer was preempted) or one write takes `INLINE_STALL`.
+const INLINE_SLOW_MEAN: Duration = Duration::from_millis(1);
+const INLINE_STALL: Duration = Duration::from_millis(20);
+const INLINE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Slices per `pwritev` (below every kernel's IOV_MAX of 1024).
 const IOV_BATCH: usize = 512;
@@ -490,9 +552,44 @@ struct Inner {
     /// Threads waiting on `space` / `written`.
     space_waiters: u32,
     write_waiters: u32,
+    /// Records and bytes applied inline since the shipper last took the
+    /// count (for its checkpoint accounting).
+    inline_applied: (u64, u64),
+    /// No inline apply before this (a slow or failed inline write).
+    inline_paused_until: Option<Instant>,
+    /// Moving mean (1/8 weight) of inline replica writes, microseconds.
+    inline_mean_us: u64,
     /// Tests: appenders never lead, so records stay staged.
     #[cfg(test)]
     hold_writes: bool,
+}
+
+/// A record its writer applies to the replica itself (see "Inline apply"
+/// in the module docs). Dropped without [`InlineClaim::applied`] (the
+/// primary write failed, a panic unwound), the record is left to the
+/// shipper.
+#[derive(Debug)]
+pub struct InlineClaim {
+    journal: Arc<Journal>,
+    seq: u64,
+    ended: bool,
+}
+
+impl InlineClaim {
+    /// The replica write of the record ended after `took`: `ok` if it
+    /// succeeded (else the shipper retries it).
+    pub fn applied(mut self, ok: bool, took: Duration) {
+        self.ended = true;
+        self.journal.finish_inline(self.seq, ok, took);
+    }
+}
+
+impl Drop for InlineClaim {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.journal.finish_inline(self.seq, false, Duration::ZERO);
+        }
+    }
 }
 
 /// See the module documentation.
@@ -598,6 +695,7 @@ impl Journal {
                                 pos: pos as u64,
                                 enqueued: now,
                                 mem: None,
+                                applier: Applier::Nobody,
                             };
                             pending_bytes += p.bytes();
                             pending.push_back(p);
@@ -653,6 +751,9 @@ impl Journal {
                 shipper_waiting: false,
                 space_waiters: 0,
                 write_waiters: 0,
+                inline_applied: (0, 0),
+                inline_paused_until: None,
+                inline_mean_us: 0,
                 #[cfg(test)]
                 hold_writes: false,
             }),
@@ -687,6 +788,23 @@ impl Journal {
         length: u64,
         data: &[u8],
     ) -> Result<u64, JournalError> {
+        self.append_claim(kind, fua, offset, length, data, false)
+            .map(|(seq, _)| seq)
+    }
+
+    /// [`Self::append`]; with `inline`, the record is claimed for its
+    /// writer to apply when [`Self::inline_candidate`] allows (then the
+    /// second value is `true` and the writer must end the claim with
+    /// [`Self::finish_inline`]).
+    fn append_claim(
+        &self,
+        kind: RecordKind,
+        fua: bool,
+        offset: u64,
+        length: u64,
+        data: &[u8],
+        inline: bool,
+    ) -> Result<(u64, bool), JournalError> {
         let rec_bytes = (HEADER_LEN + data.len()) as u64;
         let deadline = Instant::now() + self.cfg.throttle_timeout;
         // The data is copied before the mutex is taken; only the header,
@@ -773,6 +891,7 @@ impl Journal {
         let file = tail.file.clone();
         g.next_seq += 1;
         g.pending_bytes += rec_bytes;
+        let claimed = inline && Self::inline_candidate(&g, kind, fua, data.len());
         let rec = Arc::new(rec);
         let mem = if g.mem_bytes + rec_bytes <= self.cfg.memory_cap {
             g.mem_bytes += rec_bytes;
@@ -791,6 +910,11 @@ impl Journal {
             pos,
             enqueued: Instant::now(),
             mem,
+            applier: if claimed {
+                Applier::Inline
+            } else {
+                Applier::Nobody
+            },
         });
         g.staged.push(Staged {
             seq,
@@ -799,7 +923,9 @@ impl Journal {
             bytes: rec,
         });
         g.staged_bytes += rec_bytes;
-        let wake = std::mem::take(&mut g.shipper_waiting);
+        // A record its writer applies does not wake the shipper (if the
+        // writer cannot, `finish_inline` does).
+        let wake = !claimed && std::mem::take(&mut g.shipper_waiting);
         // Small records wait until there is a batch worth a system call
         // (FUA appends are written by the `sync_to` that follows).
         let lead = !g.writing && !Self::holding(&g) && g.staged_bytes >= WRITE_BATCH_BYTES;
@@ -815,9 +941,14 @@ impl Journal {
             self.data.notify_one();
         }
         if let Some((batch, epoch)) = batch {
-            self.lead(batch, epoch)?;
+            if let Err(e) = self.lead(batch, epoch) {
+                if claimed {
+                    self.finish_inline(seq, false, Duration::ZERO);
+                }
+                return Err(e);
+            }
         }
-        Ok(seq)
+        Ok((seq, claimed))
     }
 
     #[cfg(test)]
@@ -946,6 +1077,37 @@ impl Journal {
         Ok(last)
     }
 
+    /// Append a host write of at most [`INLINE_APPLY_MAX`] bytes (longer
+    /// ones as [`Self::append_write`]) and claim it for the writer to apply
+    /// to the replica after its primary write, when no older record waits
+    /// for the shipper (see "Inline apply" in the module docs). Returns the
+    /// sequence number and, when claimed, the claim to end with
+    /// [`InlineClaim::applied`] after the replica write.
+    pub fn append_write_inline(
+        self: &Arc<Self>,
+        fua: bool,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(u64, Option<InlineClaim>), JournalError> {
+        if data.len() as u64 > INLINE_APPLY_MAX || !self.cfg.inline_apply {
+            return self.append_write(fua, offset, data).map(|seq| (seq, None));
+        }
+        let (seq, claimed) = self.append_claim(
+            RecordKind::Write,
+            fua,
+            offset,
+            data.len() as u64,
+            data,
+            true,
+        )?;
+        let claim = claimed.then(|| InlineClaim {
+            journal: self.clone(),
+            seq,
+            ended: false,
+        });
+        Ok((seq, claim))
+    }
+
     /// Make every record up to `seq` durable (group commit: one
     /// `fdatasync` covers all records appended before it started).
     pub fn sync_to(&self, seq: u64) -> Result<(), JournalError> {
@@ -1047,16 +1209,21 @@ impl Journal {
             if !g.shipping {
                 return Vec::new();
             }
-            if !g.pending.is_empty() {
-                let mut bytes = 0u64;
-                let mut out = Vec::new();
-                for p in g.pending.iter() {
-                    if !out.is_empty() && (out.len() >= max_records || bytes >= max_bytes) {
-                        break;
-                    }
-                    bytes += p.bytes();
-                    out.push(p.clone());
+            // Records behind one that its writer is applying wait for it:
+            // `mark_applied` must not pass a record that is not applied.
+            let mut bytes = 0u64;
+            let mut out = Vec::new();
+            for p in g.pending.iter_mut() {
+                if matches!(p.applier, Applier::Inline | Applier::InlineDone)
+                    || (!out.is_empty() && (out.len() >= max_records || bytes >= max_bytes))
+                {
+                    break;
                 }
+                bytes += p.bytes();
+                p.applier = Applier::Shipper;
+                out.push(p.clone());
+            }
+            if !out.is_empty() {
                 return out;
             }
             let now = Instant::now();
@@ -1123,11 +1290,113 @@ impl Journal {
             }
             g.applied_seq = p.seq;
         }
+        Self::pop_inline_done(&mut g);
         let waiters = g.space_waiters > 0;
         drop(g);
         if waiters {
             self.space.notify_all();
         }
+    }
+
+    /// Pop the oldest records while their writers applied them.
+    fn pop_inline_done(g: &mut Inner) {
+        while g
+            .pending
+            .front()
+            .is_some_and(|p| p.applier == Applier::InlineDone)
+        {
+            let Some(p) = g.pending.pop_front() else {
+                break;
+            };
+            g.pending_bytes -= p.bytes();
+            if p.mem.is_some() {
+                g.mem_bytes -= p.bytes();
+            }
+            g.applied_seq = p.seq;
+        }
+    }
+
+    /// Whether a record about to be appended may be applied by its writer:
+    /// a small plain write while shipping, inline apply not paused, every
+    /// older pending record applied or being applied by its writer (those
+    /// are in flight, so the new write does not depend on them), and none
+    /// of those for [`INLINE_STALL`] already.
+    fn inline_candidate(g: &Inner, kind: RecordKind, fua: bool, len: usize) -> bool {
+        kind == RecordKind::Write
+            && !fua
+            && len as u64 <= INLINE_APPLY_MAX
+            && g.shipping
+            && g.write_error.is_none()
+            && g.inline_paused_until.map_or(true, |t| Instant::now() >= t)
+            && g
+                .pending
+                .iter()
+                .all(|p| matches!(p.applier, Applier::Inline | Applier::InlineDone))
+            // A replica write that hangs holds only the writes already
+            // being applied inline.
+            && g
+                .pending
+                .front()
+                .map_or(true, |p| p.enqueued.elapsed() < INLINE_STALL)
+    }
+
+    /// The writer's inline apply of `seq` ended after `took`: applied, or
+    /// (`applied == false`) left to the shipper, which retries it and
+    /// handles a failure as for any record. A failed, stalled or slow one
+    /// pauses inline apply for [`INLINE_PAUSE`], so a replica that slows
+    /// down stops adding to host latency.
+    fn finish_inline(&self, seq: u64, applied: bool, took: Duration) {
+        let mut g = self.locked();
+        let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        g.inline_mean_us = (g.inline_mean_us.saturating_mul(7)).saturating_add(took_us) / 8;
+        if !applied
+            || took >= INLINE_STALL
+            || g.inline_mean_us >= INLINE_SLOW_MEAN.as_micros() as u64
+        {
+            g.inline_paused_until = Some(Instant::now() + INLINE_PAUSE);
+            g.inline_mean_us = 0;
+        }
+        // Absent when `drain` dropped it meanwhile.
+        let idx = g
+            .pending
+            .front()
+            .and_then(|f| seq.checked_sub(f.seq))
+            .map(|i| i as usize);
+        let Some(p) = idx.and_then(|i| g.pending.get_mut(i)) else {
+            return;
+        };
+        if p.seq != seq || p.applier != Applier::Inline {
+            return;
+        }
+        if applied {
+            p.applier = Applier::InlineDone;
+            let len = p.length;
+            g.inline_applied.0 += 1;
+            g.inline_applied.1 += len;
+            Self::pop_inline_done(&mut g);
+        } else {
+            p.applier = Applier::Nobody;
+        }
+        // `next_batch` stops at records being applied inline: wake the
+        // shipper only when one it has to apply is now at the front.
+        let wake = g
+            .pending
+            .front()
+            .is_some_and(|p| p.applier == Applier::Nobody)
+            && std::mem::take(&mut g.shipper_waiting);
+        let waiters = g.space_waiters > 0;
+        drop(g);
+        if wake {
+            self.data.notify_one();
+        }
+        if waiters {
+            self.space.notify_all();
+        }
+    }
+
+    /// Records and bytes applied inline since the last call.
+    pub fn take_inline_applied(&self) -> (u64, u64) {
+        std::mem::take(&mut self.locked().inline_applied)
     }
 
     /// After the caller flushed the replica: record the applied position
@@ -1651,6 +1920,112 @@ mod tests {
         assert_eq!(n, 1);
         assert!(waited < Duration::from_secs(5));
         assert!(!j.locked().shipper_waiting);
+    }
+
+    fn inline_cfg() -> JournalConfig {
+        JournalConfig {
+            inline_apply: true,
+            ..cfg(1 << 30, 1 << 20)
+        }
+    }
+
+    fn seqs(b: &[PendingRecord]) -> Vec<u64> {
+        b.iter().map(|p| p.seq).collect()
+    }
+
+    #[test]
+    fn claimed_records_bypass_the_shipper_and_keep_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), inline_cfg()).unwrap();
+        let j = Arc::new(j);
+        let none = Duration::ZERO;
+        // Nothing pending: claimed; a second one while the first is in
+        // flight too (concurrent writes).
+        let (s1, c1) = j.append_write_inline(false, 0, b"a").unwrap();
+        let (s2, c2) = j.append_write_inline(false, 512, b"b").unwrap();
+        let (c1, c2) = (c1.expect("claimed"), c2.expect("claimed"));
+        // The shipper gets nothing while the oldest is being applied.
+        assert!(j.next_batch(none, 64, u64::MAX).is_empty());
+        // Done out of order: nothing applied until the oldest is.
+        c2.applied(true, none);
+        assert_eq!(j.applied_seq(), 0);
+        c1.applied(true, none);
+        assert_eq!(j.applied_seq(), s2);
+        assert_eq!(j.lag().records, 0);
+        assert_eq!(j.take_inline_applied(), (2, 2));
+        assert_eq!(j.take_inline_applied(), (0, 0));
+        // FUA and large writes go to the shipper; behind one, so does
+        // every later record until the shipper applied it.
+        let (s3, c3) = j.append_write_inline(true, 0, b"c").unwrap();
+        assert!(c3.is_none());
+        let big = vec![7u8; INLINE_APPLY_MAX as usize + 512];
+        let (s4, c4) = j.append_write_inline(false, 4096, &big).unwrap();
+        assert!(c4.is_none());
+        let (s5, c5) = j.append_write_inline(false, 1024, b"d").unwrap();
+        assert!(c5.is_none());
+        assert_eq!(seqs(&j.next_batch(none, 64, u64::MAX)), vec![s3, s4, s5]);
+        j.mark_applied(s5);
+        assert_eq!(s1 + 4, s5);
+        // Caught up again: claimed again.
+        let (_, c6) = j.append_write_inline(false, 0, b"e").unwrap();
+        c6.expect("claimed after the shipper caught up")
+            .applied(true, none);
+        assert_eq!(j.lag().records, 0);
+        // Off by default.
+        let dir2 = tempfile::tempdir().unwrap();
+        let j2 = Arc::new(Journal::open(dir2.path(), cfg(1 << 30, 1 << 20)).unwrap().0);
+        assert!(j2.append_write_inline(false, 0, b"x").unwrap().1.is_none());
+    }
+
+    #[test]
+    fn shipper_stops_at_a_record_being_applied_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), inline_cfg()).unwrap();
+        let j = Arc::new(j);
+        let none = Duration::ZERO;
+        let (s1, c1) = j.append_write_inline(false, 0, b"a").unwrap();
+        // Not claimable (FUA): queued behind the claimed one.
+        let (s2, _) = j.append_write_inline(true, 512, b"b").unwrap();
+        let j2 = j.clone();
+        let shipper =
+            std::thread::spawn(move || j2.next_batch(Duration::from_secs(10), 64, u64::MAX));
+        while !j.locked().shipper_waiting {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Finishing the claimed record puts the FUA one at the front and
+        // wakes the shipper for it.
+        c1.expect("claimed").applied(true, none);
+        assert_eq!(j.applied_seq(), s1);
+        assert_eq!(seqs(&shipper.join().unwrap()), vec![s2]);
+    }
+
+    #[test]
+    fn a_failed_or_dropped_claim_goes_to_the_shipper_and_pauses_inline_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), inline_cfg()).unwrap();
+        let j = Arc::new(j);
+        let none = Duration::ZERO;
+        let (s1, c1) = j.append_write_inline(false, 0, b"a").unwrap();
+        c1.expect("claimed").applied(false, none);
+        // Paused: the next write is not claimed either.
+        let (s2, c2) = j.append_write_inline(false, 512, b"b").unwrap();
+        assert!(c2.is_none());
+        assert_eq!(seqs(&j.next_batch(none, 64, u64::MAX)), vec![s1, s2]);
+        j.mark_applied(s2);
+        j.locked().inline_paused_until = None;
+        // Dropped (the primary write failed, or a panic unwound).
+        let (s3, c3) = j.append_write_inline(false, 0, b"c").unwrap();
+        drop(c3.expect("claimed"));
+        assert_eq!(seqs(&j.next_batch(none, 64, u64::MAX)), vec![s3]);
+        j.mark_applied(s3);
+        // A stalled write pauses it too; a drain meanwhile is harmless.
+        j.locked().inline_paused_until = None;
+        let (_, c4) = j.append_write_inline(false, 0, b"d").unwrap();
+        let c4 = c4.expect("claimed");
+        assert_eq!(j.drain().unwrap().len(), 1);
+        c4.applied(true, INLINE_STALL);
+        assert!(j.append_write_inline(false, 0, b"e").unwrap().1.is_none());
+        assert_eq!(j.take_inline_applied(), (0, 0));
     }
 
     fn replay_after_damage(

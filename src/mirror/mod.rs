@@ -218,14 +218,16 @@ impl MirroredVolume {
         for (a, p) in &plans {
             if let Plan::Journal(j) = p {
                 let appended = match op {
-                    HostOp::Write(buf, _) => j.append_write(op.fua(), offset, buf),
-                    HostOp::Zeroes(_) => {
-                        j.append(RecordKind::WriteZeroes, op.fua(), offset, len, &[])
-                    }
-                    HostOp::Discard => j.append(RecordKind::Discard, false, offset, len, &[]),
+                    HostOp::Write(buf, _) => j.append_write_inline(op.fua(), offset, buf),
+                    HostOp::Zeroes(_) => j
+                        .append(RecordKind::WriteZeroes, op.fua(), offset, len, &[])
+                        .map(|seq| (seq, None)),
+                    HostOp::Discard => j
+                        .append(RecordKind::Discard, false, offset, len, &[])
+                        .map(|seq| (seq, None)),
                 };
                 match appended {
-                    Ok(seq) => journaled.push((*a, j.clone(), seq)),
+                    Ok((seq, claim)) => journaled.push((*a, j.clone(), seq, claim)),
                     Err(e) => {
                         if a.journal_failed(offset, len, &e) {
                             host_err = Some(e.to_string());
@@ -260,8 +262,20 @@ impl MirroredVolume {
                 }
             }
         }
+        // Async records of small plain writes: applied here while the
+        // shipper has nothing older to apply (see "Inline apply" in
+        // `journal`), which spares the shipper's wake-up and handoff.
+        for (a, _, _, claim) in &mut journaled {
+            // Unless the primary write succeeded, the dropped claim leaves
+            // the record to the shipper, as any record.
+            if let (Some(claim), Ok(()), HostOp::Write(buf, _)) = (claim.take(), &primary, op) {
+                let started = Instant::now();
+                let r = a.replica().write_at(buf, offset, WriteFlags::default());
+                claim.applied(r.is_ok(), started.elapsed());
+            }
+        }
         if primary.is_ok() && op.fua() {
-            for (a, j, seq) in &journaled {
+            for (a, j, seq, _) in &journaled {
                 if let Err(e) = j.sync_to(*seq) {
                     if a.journal_failed(offset, len, &e) {
                         host_err = Some(e.to_string());

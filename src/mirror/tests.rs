@@ -277,6 +277,68 @@ fn async_host_write_does_not_wait_for_the_replica() {
     assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
 }
 
+fn inline_policy() -> MirrorPolicy {
+    let mut p = policy();
+    p.journal.inline_apply = true;
+    p
+}
+
+/// With inline apply, a small write reaches the replica before it
+/// completes, without the shipper; FUA writes, flushes, zeroing and
+/// discards still go through the shipper, and everything converges.
+#[test]
+fn async_inline_apply_writes_the_replica_before_completing() {
+    let r = rig(16 * RS);
+    let a = attach(&r, CopyType::Async, inline_policy());
+    run_copy(&a);
+    for i in 0..20u64 {
+        w(&r.vol, &pattern(i as u8, 3000), i * 3000);
+        assert_eq!(
+            r.replica_mem.snapshot()[(i * 3000) as usize..(i * 3000 + 3000) as usize],
+            pattern(i as u8, 3000)[..],
+            "write {i} applied inline"
+        );
+    }
+    r.vol
+        .write_at(&pattern(99, 4096), 8 * RS, WriteFlags { fua: true })
+        .unwrap();
+    r.vol.write_zeroes(RS, RS, WriteFlags::default()).unwrap();
+    r.vol.discard(3 * RS, RS).unwrap();
+    w(&r.vol, &pattern(7, 700), 9 * RS);
+    r.vol.flush().unwrap();
+    assert!(a.wait_lag_zero(Duration::from_secs(5)));
+    assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
+}
+
+/// The price of inline apply: a replica write that hangs holds the host
+/// write being applied inline; later writes go through the journal (the
+/// stuck one is older than `INLINE_STALL`) and do not wait.
+#[test]
+fn async_inline_apply_holds_only_the_writes_in_flight_on_a_hung_replica() {
+    let r = rig(16 * RS);
+    let a = attach(&r, CopyType::Async, inline_policy());
+    run_copy(&a);
+    r.replica.set_gate(true);
+    let vol = r.vol.clone();
+    let stuck = std::thread::spawn(move || w(&vol, &pattern(1, 512), 0));
+    while a.lag().unwrap().records == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    let t = Instant::now();
+    w(&r.vol, &pattern(2, 512), RS);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(
+        !stuck.is_finished(),
+        "the inline write waits for the replica"
+    );
+    assert_eq!(a.lag().unwrap().records, 2);
+    r.replica.set_gate(false);
+    stuck.join().unwrap();
+    assert!(a.wait_lag_zero(Duration::from_secs(5)));
+    assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
+}
+
 #[test]
 fn async_periodic_checkpoint_does_not_stop_shipping() {
     let r = rig(64 * RS);
