@@ -1763,6 +1763,9 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             if *records == 0 {
                 return true;
             }
+            // Writers applying inline may add records during the flush:
+            // the checkpoint covers only what was applied before it began.
+            let upto = journal.applied_seq();
             if let Err(e) = a.replica.flush() {
                 a.fail(format!("replica flush failed: {e}"));
                 return false;
@@ -1773,7 +1776,7 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             if large_applied.replace(false) {
                 a.replica.release_cache();
             }
-            if let Err(e) = journal.checkpoint() {
+            if let Err(e) = journal.checkpoint_to(upto) {
                 tracing::warn!(assoc = a.id, error = %e, "journal checkpoint failed");
             }
             *records = 0;
@@ -1786,12 +1789,41 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
         if batch.is_empty() {
             // With records applied inline by their writers, an empty batch
             // does not mean the volume is idle.
-            if records > 0
-                && journal.is_shipping()
-                && unflushed_bytes < a.policy.checkpoint_bytes
-                && last_ckpt.elapsed() < a.policy.checkpoint_interval
-            {
-                // Writers are applying their records themselves.
+            if records > 0 && journal.is_shipping() {
+                // Writers are applying their records themselves; the
+                // periodic checkpoint runs beside them as beside the
+                // shipper.
+                let due = unflushed_bytes >= a.policy.checkpoint_bytes
+                    || last_ckpt.elapsed() >= a.policy.checkpoint_interval;
+                if due && !background.busy() {
+                    if let Some(Err(why)) = background.collect(true) {
+                        a.fail(why);
+                        if a.shipper_may_exit(&journal) {
+                            return;
+                        }
+                        continue;
+                    }
+                    let large = large_applied.replace(false);
+                    let upto = journal.applied_seq();
+                    if let Err(e) =
+                        background.start(a.id, a.replica.clone(), journal.clone(), upto, large)
+                    {
+                        tracing::warn!(assoc = a.id, error = %e, "checkpoint thread not started");
+                        large_applied.set(large);
+                        if !checkpoint(
+                            &a,
+                            &mut background,
+                            &mut unflushed_records,
+                            &mut unflushed_bytes,
+                        ) && a.shipper_may_exit(&journal)
+                        {
+                            return;
+                        }
+                    }
+                    unflushed_records = 0;
+                    unflushed_bytes = 0;
+                    last_ckpt = Instant::now();
+                }
                 continue;
             }
             if !journal.is_shipping() {
