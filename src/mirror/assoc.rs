@@ -1783,9 +1783,13 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             *bytes = 0;
             true
         };
-        let (records, bytes) = journal.take_inline_applied();
+        let inline = journal.take_inline_applied();
+        let records = inline.records;
         unflushed_records += records;
-        unflushed_bytes += bytes;
+        unflushed_bytes += inline.bytes;
+        if inline.largest >= LARGE_RECORD {
+            large_applied.set(true);
+        }
         if batch.is_empty() {
             // With records applied inline by their writers, an empty batch
             // does not mean the volume is idle.

@@ -26,6 +26,7 @@ pub struct FaultDev {
     write_delay_us: AtomicU64,
     writes: AtomicU64,
     flushes: AtomicU64,
+    flushes_started: AtomicU64,
     fua_writes: AtomicU64,
 }
 
@@ -58,6 +59,7 @@ impl FaultDev {
             flush_gate: Condvar::new(),
             write_delay_us: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            flushes_started: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             fua_writes: AtomicU64::new(0),
         }
@@ -112,6 +114,10 @@ impl FaultDev {
     pub fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::SeqCst)
     }
+    /// Flushes called, including those still held by the flush gate.
+    pub fn flushes_started(&self) -> u64 {
+        self.flushes_started.load(Ordering::SeqCst)
+    }
 
     fn inner(&self) -> BlockResult<&SharedDev> {
         self.inner.as_ref().ok_or_else(|| {
@@ -164,6 +170,7 @@ impl BlockDev for FaultDev {
     }
 
     fn flush(&self) -> BlockResult<()> {
+        self.flushes_started.fetch_add(1, Ordering::SeqCst);
         let mut closed = self
             .flush_gate_closed
             .lock()

@@ -552,9 +552,9 @@ struct Inner {
     /// Threads waiting on `space` / `written`.
     space_waiters: u32,
     write_waiters: u32,
-    /// Records and bytes applied inline since the shipper last took the
-    /// count (for its checkpoint accounting).
-    inline_applied: (u64, u64),
+    /// What writers applied inline since the shipper last took the count
+    /// (for its checkpoint accounting).
+    inline_applied: InlineApplied,
     /// No inline apply before this (a slow or failed inline write).
     inline_paused_until: Option<Instant>,
     /// Moving mean (1/8 weight) of inline replica writes, microseconds.
@@ -562,6 +562,16 @@ struct Inner {
     /// Tests: appenders never lead, so records stay staged.
     #[cfg(test)]
     hold_writes: bool,
+}
+
+/// Records applied inline by their writers (see "Inline apply" in the
+/// module docs), counted for the shipper's checkpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InlineApplied {
+    pub records: u64,
+    pub bytes: u64,
+    /// The largest record's length.
+    pub largest: u64,
 }
 
 /// A record its writer applies to the replica itself (see "Inline apply"
@@ -751,7 +761,7 @@ impl Journal {
                 shipper_waiting: false,
                 space_waiters: 0,
                 write_waiters: 0,
-                inline_applied: (0, 0),
+                inline_applied: InlineApplied::default(),
                 inline_paused_until: None,
                 inline_mean_us: 0,
                 #[cfg(test)]
@@ -1175,6 +1185,12 @@ impl Journal {
         self.locked().applied_seq
     }
 
+    /// The last sequence number `head` records as applied and flushed.
+    #[cfg(test)]
+    pub(crate) fn head_seq(&self) -> u64 {
+        self.locked().head_seq
+    }
+
     /// Start or stop shipping. Stopping wakes the shipper (which then
     /// returns) and throttled writers (which then fail with `Full`).
     pub fn set_shipping(&self, on: bool) {
@@ -1371,8 +1387,10 @@ impl Journal {
         if applied {
             p.applier = Applier::InlineDone;
             let len = p.length;
-            g.inline_applied.0 += 1;
-            g.inline_applied.1 += len;
+            let n = &mut g.inline_applied;
+            n.records += 1;
+            n.bytes += len;
+            n.largest = n.largest.max(len);
             Self::pop_inline_done(&mut g);
         } else {
             p.applier = Applier::Nobody;
@@ -1394,8 +1412,8 @@ impl Journal {
         }
     }
 
-    /// Records and bytes applied inline since the last call.
-    pub fn take_inline_applied(&self) -> (u64, u64) {
+    /// What writers applied inline since the last call.
+    pub fn take_inline_applied(&self) -> InlineApplied {
         std::mem::take(&mut self.locked().inline_applied)
     }
 
@@ -1952,8 +1970,9 @@ mod tests {
         c1.applied(true, none);
         assert_eq!(j.applied_seq(), s2);
         assert_eq!(j.lag().records, 0);
-        assert_eq!(j.take_inline_applied(), (2, 2));
-        assert_eq!(j.take_inline_applied(), (0, 0));
+        let n = j.take_inline_applied();
+        assert_eq!((n.records, n.bytes, n.largest), (2, 2, 1));
+        assert_eq!(j.take_inline_applied(), InlineApplied::default());
         // FUA and large writes go to the shipper; behind one, so does
         // every later record until the shipper applied it.
         let (s3, c3) = j.append_write_inline(true, 0, b"c").unwrap();
@@ -2025,7 +2044,7 @@ mod tests {
         assert_eq!(j.drain().unwrap().len(), 1);
         c4.applied(true, INLINE_STALL);
         assert!(j.append_write_inline(false, 0, b"e").unwrap().1.is_none());
-        assert_eq!(j.take_inline_applied(), (0, 0));
+        assert_eq!(j.take_inline_applied(), InlineApplied::default());
     }
 
     fn replay_after_damage(

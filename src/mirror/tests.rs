@@ -339,6 +339,54 @@ fn async_inline_apply_holds_only_the_writes_in_flight_on_a_hung_replica() {
     assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
 }
 
+/// A checkpoint records as applied only what was applied before its
+/// replica flush began: a write applied inline by its writer while the
+/// flush runs is not covered by it (after a power loss it would be missing
+/// on the replica while `head` said otherwise).
+#[test]
+fn async_inline_checkpoint_covers_only_records_applied_before_its_flush() {
+    let r = rig(16 * RS);
+    // Only the idle checkpoint (on the shipper's thread), no periodic one.
+    let p = MirrorPolicy {
+        checkpoint_interval: Duration::from_secs(3600),
+        ..inline_policy()
+    };
+    let a = attach(&r, CopyType::Async, p);
+    run_copy(&a);
+    assert!(a.wait_lag_zero(Duration::from_secs(5)));
+    let j = a.journal().unwrap();
+    r.replica.set_flush_gate(true);
+    let started = r.replica.flushes_started();
+    w(&r.vol, &pattern(1, 512), 0);
+    let first = j.applied_seq();
+    assert!(first > j.head_seq(), "applied inline, not checkpointed yet");
+    // Writes stopped: the shipper checkpoints, and its flush is held.
+    let t = Instant::now();
+    while r.replica.flushes_started() == started {
+        assert!(t.elapsed() < Duration::from_secs(5), "no idle checkpoint");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    w(&r.vol, &pattern(2, 512), RS);
+    assert!(j.applied_seq() > first, "applied inline during the flush");
+    r.replica.set_flush_gate(false);
+    let t = Instant::now();
+    while j.head_seq() < first {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "checkpoint never ended"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(j.head_seq(), first, "only what the flush covered");
+    // The next idle checkpoint covers the second write.
+    let t = Instant::now();
+    while j.head_seq() < j.applied_seq() {
+        assert!(t.elapsed() < Duration::from_secs(5), "second checkpoint");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(r.primary.snapshot(), r.replica_mem.snapshot());
+}
+
 #[test]
 fn async_periodic_checkpoint_does_not_stop_shipping() {
     let r = rig(64 * RS);
