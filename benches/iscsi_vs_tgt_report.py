@@ -31,7 +31,10 @@ BASE = "lunmirror"
 GOALS = {("randread", 32): 2.0, ("randwrite", 32): 1.5, ("read", 32): 1.6, ("write", 32): 1.5}
 QD1_LAT_GOAL = 1.3          # QD1 4 KiB read mean latency / TCP round trip
 STREAM_GOAL = 0.70          # 1 MiB read QD32 MB/s / one loopback TCP stream
-MIRROR_GOALS = {"lunmirror-sync": 0.8, "lunmirror-async": 0.9}   # vs unmirrored
+# vs unmirrored; issue 5 sets them for 4 KiB random writes at QD32 only
+# (the other mirror rows show what they cost, without a goal)
+MIRROR_GOALS = {"lunmirror-sync": 0.8, "lunmirror-async": 0.9}
+MIRROR_GOAL_CASE = ("randwrite", 32)
 
 
 def fnum(x):
@@ -112,7 +115,10 @@ def main():
             ratio = med(ratios)
             rlo, rhi = rng(ratios)
             goal = ""
-            g = MIRROR_GOALS.get(tgt) if ref == BASE else GOALS.get((pat, qd)) if ref else None
+            if ref == BASE:
+                g = MIRROR_GOALS.get(tgt) if (pat, qd) == MIRROR_GOAL_CASE else None
+            else:
+                g = GOALS.get((pat, qd)) if ref else None
             if g and ratio is not None:
                 goal = f"≥{g:.1f}× {'met' if ratio >= g else 'NOT met'}"
             noisy = sum(1 for r in v if (r["frn"] or 0) > foreign_max)
