@@ -1713,6 +1713,33 @@ impl BackgroundCheckpoint {
     }
 }
 
+impl BackgroundCheckpoint {
+    /// Start a periodic checkpoint up to `applied` in the background once
+    /// the previous one is collected: `Ok(true)` if it runs, `Ok(false)` if
+    /// no thread could be started (the caller checkpoints inline, as
+    /// before), `Err` if the previous one failed.
+    fn begin_periodic(
+        &mut self,
+        a: &Association,
+        journal: &Arc<Journal>,
+        applied: u64,
+        large_applied: &std::cell::Cell<bool>,
+    ) -> Result<bool, String> {
+        if let Some(Err(why)) = self.collect(true) {
+            return Err(why);
+        }
+        let large = large_applied.replace(false);
+        match self.start(a.id, a.replica.clone(), journal.clone(), applied, large) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::warn!(assoc = a.id, error = %e, "checkpoint thread not started");
+                large_applied.set(large);
+                Ok(false)
+            }
+        }
+    }
+}
+
 impl Drop for BackgroundCheckpoint {
     /// The shipper does not leave a flush of its replica running behind it.
     fn drop(&mut self) {
@@ -1800,28 +1827,26 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
                 let due = unflushed_bytes >= a.policy.checkpoint_bytes
                     || last_ckpt.elapsed() >= a.policy.checkpoint_interval;
                 if due && !background.busy() {
-                    if let Some(Err(why)) = background.collect(true) {
-                        a.fail(why);
-                        if a.shipper_may_exit(&journal) {
-                            return;
-                        }
-                        continue;
-                    }
-                    let large = large_applied.replace(false);
                     let upto = journal.applied_seq();
-                    if let Err(e) =
-                        background.start(a.id, a.replica.clone(), journal.clone(), upto, large)
-                    {
-                        tracing::warn!(assoc = a.id, error = %e, "checkpoint thread not started");
-                        large_applied.set(large);
-                        if !checkpoint(
-                            &a,
-                            &mut background,
-                            &mut unflushed_records,
-                            &mut unflushed_bytes,
-                        ) && a.shipper_may_exit(&journal)
-                        {
-                            return;
+                    match background.begin_periodic(&a, &journal, upto, &large_applied) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            if !checkpoint(
+                                &a,
+                                &mut background,
+                                &mut unflushed_records,
+                                &mut unflushed_bytes,
+                            ) && a.shipper_may_exit(&journal)
+                            {
+                                return;
+                            }
+                        }
+                        Err(why) => {
+                            a.fail(why);
+                            if a.shipper_may_exit(&journal) {
+                                return;
+                            }
+                            continue;
                         }
                     }
                     unflushed_records = 0;
@@ -1927,18 +1952,12 @@ fn ship_loop(me: std::sync::Weak<Association>, journal: Arc<Journal>) {
             // applied. A periodic checkpoint runs beside the shipper.
             let mut in_background = false;
             if p.kind != RecordKind::Flush {
-                if let Some(Err(why)) = background.collect(true) {
-                    a.fail(why);
-                    exit = a.shipper_may_exit(&journal);
-                    break;
-                }
-                let large = large_applied.replace(false);
-                match background.start(a.id, a.replica.clone(), journal.clone(), p.seq, large) {
-                    Ok(()) => in_background = true,
-                    Err(e) => {
-                        // No thread: checkpoint here, as before.
-                        tracing::warn!(assoc = a.id, error = %e, "checkpoint thread not started");
-                        large_applied.set(large);
+                match background.begin_periodic(&a, &journal, p.seq, &large_applied) {
+                    Ok(started) => in_background = started,
+                    Err(why) => {
+                        a.fail(why);
+                        exit = a.shipper_may_exit(&journal);
+                        break;
                     }
                 }
             }
