@@ -1711,9 +1711,7 @@ impl BackgroundCheckpoint {
         self.running = Some(h);
         Ok(())
     }
-}
 
-impl BackgroundCheckpoint {
     /// Start a periodic checkpoint up to `applied` in the background once
     /// the previous one is collected: `Ok(true)` if it runs, `Ok(false)` if
     /// no thread could be started (the caller checkpoints inline, as
